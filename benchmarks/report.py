@@ -1,0 +1,155 @@
+"""Regenerate benchmarks/RESULTS.md from benchmarks/results/*.json (no number is typed by hand).
+
+python -m benchmarks.report
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, load_records
+
+OUT = Path(__file__).resolve().parent / "RESULTS.md"
+PAPER = {
+    ("lenet300100", 8): 98.2,
+    ("lenet300100", 2): 97.0,
+    ("conv6", 8): 88.4,
+    ("conv4", 8): 86.0,
+    ("conv2", 8): 78.1,
+    ("vgg19", 8): 91.0,
+}
+
+
+def _where(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    where = m.get("gpu") or f"{m['cpu']} ({m['cores']} cores)"
+    return f"{where}, torch {m.get('torch', '?')}"
+
+
+def _provenance(records: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in records:
+        lines.append(
+            f"- `{r['name']}`: `{r['command']}` on {_where(r)}, {r['date']}, commit {r['commit']}"
+        )
+    return lines
+
+
+def prng_section(records: list[dict[str, Any]]) -> list[str]:
+    if not records:
+        return []
+    out = [
+        "## Generator: bit-exactness across devices and speed",
+        "",
+        "| device | check | values | result |",
+        "|---|---|---:|---|",
+    ]
+    for r in records:
+        for c in r["checks"]:
+            result = "identical bits" if c["identical"] else "MISMATCH"
+            if "relative_max_error" in c:
+                result = f"max rel. error {c['relative_max_error']:.1e}"
+            out.append(f"| {r['device']} | {c['what']} | {c['count']:,} | {result} |")
+    out += ["", "| device | generator | million values / s |", "|---|---|---:|"]
+    for r in records:
+        for name, v in sorted(r["speed"].items()):
+            out.append(f"| {r['device']} | {name} | {v / 1e6:,.0f} |")
+    return out + ["", *_provenance(records), ""]
+
+
+def step_section(records: list[dict[str, Any]]) -> list[str]:
+    if not records:
+        return []
+    out = [
+        "## Training step: slotpack against the reference approach",
+        "",
+        "The reference approach is benchmarks/reference_slot.py, a faithful re-implementation of "
+        "`sum(weight * one_hot(argmax(scores)), -1)`; `learned` is the dense float32 twin. Median "
+        "of the timed steps (forward, backward, SGD with momentum; batch of random images). Peak "
+        "memory: CUDA max_memory_allocated, or on CPU the growth of the peak resident set.",
+        "",
+        "| device | model | K | impl | ms / step | vs reference | peak MiB | vs reference |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        rows = [row for row in r["rows"] if "error" not in row]
+        ref = {(row["model"], row["k"]): row for row in rows if row["impl"] == "reference"}
+        for row in rows:
+            base = ref.get((row["model"], row["k"]))
+            t = m = "—"
+            if base and row is not base:
+                t = f"{base['median_ms'] / row['median_ms']:.2f}x faster"
+                m = f"{row['peak_mib'] / base['peak_mib']:.2f}x"
+            dev = r["machine"].get("gpu") if row["device"] == "cuda" else "cpu"
+            out.append(
+                f"| {dev} | {row['model']} | {row['k']} | {row['impl']} | "
+                f"{row['median_ms']:.2f} | {t} | {row['peak_mib']:.0f} | {m} |"
+            )
+    return out + ["", *_provenance(records), ""]
+
+
+def accuracy_section(records: list[dict[str, Any]]) -> list[str]:
+    if not records:
+        return []
+    out = [
+        "## Accuracy (torch)",
+        "",
+        "Test accuracy of the best-on-validation epoch. MNIST: the full 10,000 test images; "
+        "validation is a fixed 9,000 of the 60,000 training images. CIFAR-10 rows trained on a "
+        "subset say so in the data column; their test set is the 1,000 exact test images (see "
+        "../shared/DATA.md).",
+        "",
+        "| model | method | K | data | epochs | schedule | val acc | test acc | paper | s / epoch | device |",
+        "|---|---|---:|---|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for r in records:
+        cfg, res = r["config"], r["result"]
+        k = cfg["k"] if cfg["method"] == "slot" else ""
+        method = cfg["method"] if cfg["method"] == "learned" else f"slot, {cfg['selection']}"
+        paper = PAPER.get((cfg["model"], cfg["k"])) if cfg["method"] == "slot" else None
+        train_n = res.get("train_count")
+        full = {"mnist": 51_000, "cifar10": 45_000}[cfg["dataset"]]
+        data_note = cfg["dataset"] + (
+            f" (subset: {train_n:,} train)" if train_n and train_n < full else ""
+        )
+        if "subset" in r["name"] and not train_n:
+            data_note = cfg["dataset"] + " (subset: benchmarks/README.md)"
+        dev = r["machine"].get("gpu") or "cpu"
+        out.append(
+            f"| {cfg['model']} | {method} | {k} | {data_note} | {res['epochs']} | "
+            f"{cfg['schedule']} lr {cfg['lr']:g} | {100 * res['val_acc']:.2f}% | "
+            f"{100 * res['test_acc']:.2f}% on {res['test_count']:,} | "
+            f"{f'{paper:.1f}%' if paper else ''} | {res['mean_epoch_seconds']:.1f} | {dev} |"
+        )
+    return out + ["", *_provenance(records), ""]
+
+
+def render(folder: Path = RESULTS) -> str:
+    records = load_records(folder)
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_kind.setdefault(r.get("kind", "?"), []).append(r)
+    lines = [
+        "# slotpack benchmark results",
+        "",
+        "Generated by `python -m benchmarks.report` from `benchmarks/results/*.json`; every "
+        "number below is in one of those records with the command, machine, date and commit "
+        "that produced it. How to rerun each row: benchmarks/README.md.",
+        "",
+    ]
+    lines += accuracy_section(by_kind.get("accuracy", []))
+    lines += step_section(by_kind.get("step_time", []))
+    lines += prng_section(by_kind.get("prng", []))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    OUT.write_text(render())
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Training step time and peak memory: slotpack's slot layers against the reference approach.
+
+    python -m benchmarks.step_time --models lenet300100 conv6 --k 8 --device cpu
+
+Each (model, implementation) runs in its own process so that peak memory is its own: on CPU the
+peak resident set size minus the size just before the model was built, on CUDA
+torch.cuda.max_memory_allocated. A step is forward + backward + SGD(momentum) on a batch of
+random images (never zeros). Implementations: ``slotpack`` (gather + straight-through),
+``reference`` (benchmarks/reference_slot.py: sum(weight * one_hot, -1)), ``learned`` (the dense
+float32 twin, for scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+IMPLS = ("slotpack", "reference", "learned")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_one(
+    model_name: str, impl: str, k: int, device: str, batch: int, steps: int, warmup: int, amp: bool
+) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.reference_slot import to_reference
+    from slotpack import arch, models
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    x = torch.randn(batch, *arch.get(model_name).input_shape, device=dev)
+    y = torch.randint(0, 10, (batch,), device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _rss_mb()
+    method = "learned" if impl == "learned" else "slot"
+    model = models.create(model_name, k, method=method, seed=0, device=dev)
+    check = None
+    if impl == "reference":
+        ours = model
+        model = to_reference(models.create(model_name, k, seed=0, device=dev))
+        model.eval(), ours.eval()
+        with torch.no_grad():
+            check = (model(x) - ours(x)).abs().max().item()  # same function, different mechanics
+        del ours
+        model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    times = []
+    for i in range(warmup + steps):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            step()
+            ms = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(ms)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "model": model_name,
+        "impl": impl,
+        "k": k,
+        "device": device,
+        "batch": batch,
+        "steps": steps,
+        "amp": amp and dev.type == "cuda",
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "peak_mib": peak - base,
+        "reference_max_abs_diff": check,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--models", nargs="+", default=["lenet300100", "conv6"])
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--k", type=int, nargs="+", default=[8])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--name", default=None, help="record name (default step_time_<device>)")
+    args = p.parse_args(argv)
+    if args.one:
+        r = measure_one(
+            args.models[0],
+            args.impls[0],
+            args.k[0],
+            args.device,
+            args.batch,
+            args.steps,
+            args.warmup,
+            args.amp,
+        )
+        print(json.dumps(r))
+        return 0
+    rows = []
+    for model in args.models:
+        for k in args.k:
+            for impl in args.impls:
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.step_time",
+                    "--one",
+                    "--models",
+                    model,
+                    "--impls",
+                    impl,
+                    "--k",
+                    str(k),
+                    "--device",
+                    args.device,
+                    "--batch",
+                    str(args.batch),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                ]
+                if args.amp:
+                    cmd.append("--amp")
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    tail = (out.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"{model} K={k} {impl}: failed ({tail})", file=sys.stderr)
+                    rows.append({"model": model, "impl": impl, "k": k, "error": tail})
+                    continue
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(
+                    f"{model:12s} K={k:<3d} {impl:10s} {row['median_ms']:9.2f} ms/step  "
+                    f"peak +{row['peak_mib']:8.1f} MiB",
+                    flush=True,
+                )
+    from benchmarks.common import write_record
+
+    path = write_record(
+        args.name or f"step_time_{args.device}", {"kind": "step_time", "rows": rows}
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

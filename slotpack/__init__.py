@@ -1,0 +1,39 @@
+"""slotpack: selection-based (slot machine) networks stored as a seed plus log2(K) bits per connection.
+
+Importing ``slotpack`` never imports torch, so the torch-free runtime (``slotpack.runtime``) can
+live in the same package; the torch-based names below load on first use.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .errors import CheckpointError, ConfigError, DataError, RegistryError, SlotpackError
+
+_LAZY = {
+    "create": "slotpack.models",
+    "SlotLinear": "slotpack.layers",
+    "SlotConv2d": "slotpack.layers",
+    "TrainConfig": "slotpack.train",
+    "evaluate": "slotpack.train",
+    "load_model": "slotpack.train",
+}
+
+__all__ = [
+    "__version__",
+    "SlotpackError",
+    "ConfigError",
+    "RegistryError",
+    "DataError",
+    "CheckpointError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'slotpack' has no attribute {name!r}")

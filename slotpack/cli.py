@@ -1,0 +1,249 @@
+"""The ``slotpack`` command: the only place that prints for humans and maps errors to exit codes.
+
+Every SlotpackError becomes one line on stderr and exit code 2 (click's usage-error convention).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import SlotpackError
+
+DATA_ROOT = click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Data folder (default: $SLOTPACK_DATA, else ./data).",
+)
+DEVICE = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+
+
+class _Group(click.Group):
+    """Turns our exceptions into one-line errors (exit 2) instead of tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SlotpackError as exc:
+            raise click.UsageError(
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            ) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+class _Bars:
+    """A tqdm bar per epoch with loss and accuracy (the train.Reporter protocol)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=steps,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            unit="step",
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def step(self) -> None:
+        self.bar.update()
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        self.bar.set_postfix(
+            loss=f"{record['train_loss']:.4f}",
+            acc=f"{record['train_acc']:.4f}",
+            val=f"{record['val_acc']:.4f}",
+            s=f"{record['epoch_seconds']:.1f}",
+        )
+        self.bar.close()
+
+
+def _root(root: Path | None) -> Path:
+    from .data import default_root
+
+    return root if root is not None else default_root()
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="slotpack")
+def main() -> None:
+    """Train slot-machine networks and pack them into seed + log2(K) bits per connection."""
+
+
+@main.command("data")
+@click.argument("name", type=click.Choice(["mnist", "cifar10"]))
+@DATA_ROOT
+def data_cmd(name: str, root: Path | None) -> None:
+    """Fetch a data set into torchvision's layout under --root."""
+    from . import data
+
+    where = data.fetch(name, _root(root), progress=lambda msg: click.echo(msg, err=True))
+    click.echo(f"{name} ready under {where}")
+
+
+@main.command("train")
+@click.option("--model", required=True, help="Zoo name: lenet300100, conv2, conv4, conv6, vgg19.")
+@click.option("--dataset", default=None, help="Data set (default: the model's own).")
+@click.option("--method", type=click.Choice(["slot", "learned"]), default="slot", show_default=True)
+@click.option("--k", "k", type=int, default=8, show_default=True, help="Values per connection.")
+@click.option(
+    "--selection",
+    type=click.Choice(["greedy", "probabilistic"]),
+    default="greedy",
+    show_default=True,
+)
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=None, help="Default: the reference code's per model.")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]), default=None)
+@click.option("--milestones", default=None, help="Comma-separated epochs for --schedule step.")
+@click.option("--limit", type=int, default=None, help="Use only the first N training examples.")
+@click.option(
+    "--eval-limit", type=int, default=None, help="Use only the first N val/test examples."
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
+@DATA_ROOT
+@DEVICE
+def train_cmd(
+    out: Path, resume: bool, root: Path | None, device: str, milestones: str | None, **options: Any
+) -> None:
+    """Train a zoo model (slot network, or --method learned for the float32 baseline)."""
+    from .train import TrainConfig, train
+
+    if milestones is not None:
+        try:
+            options["milestones"] = tuple(int(m) for m in milestones.split(",") if m.strip())
+        except ValueError:
+            raise click.BadParameter(
+                f"not a comma-separated list of epochs: {milestones!r}", param_hint="--milestones"
+            ) from None
+    cfg = TrainConfig(**options)
+    result = train(cfg, out, root=_root(root), device=device, resume=resume, reporter=_Bars())
+    click.echo(
+        f"best val acc {result['val_acc']:.4f} (epoch {result['best_epoch']}), "
+        f"test acc {result['test_acc']:.4f} -> {out}"
+    )
+
+
+@main.command("finetune")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--lr", type=float, default=None, help="Default: the learned baseline's 0.01.")
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]), default=None)
+@click.option("--limit", type=int, default=None)
+@click.option("--eval-limit", type=int, default=None)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--resume", is_flag=True)
+@DATA_ROOT
+@DEVICE
+def finetune_cmd(
+    run: Path, out: Path, resume: bool, root: Path | None, device: str, **options: Any
+) -> None:
+    """Turn a slot run into a dense float32 model from its selected weights and train it further."""
+    from .train import finetune_config, train
+
+    cfg = finetune_config(run, **options)
+    result = train(cfg, out, root=_root(root), device=device, resume=resume, reporter=_Bars())
+    click.echo(
+        f"finetuned: best val acc {result['val_acc']:.4f}, test acc {result['test_acc']:.4f} -> {out}"
+    )
+
+
+@main.command("eval")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON record.")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--limit", type=int, default=None, help="Use only the first N examples.")
+@DATA_ROOT
+@DEVICE
+def eval_cmd(
+    run: Path, as_json: bool, split: str, limit: int | None, root: Path | None, device: str
+) -> None:
+    """Accuracy of a run folder (its best checkpoint) or checkpoint file, in torch."""
+    from . import data
+    from .train import evaluate, load_model, resolve_device
+
+    dev = resolve_device(device)
+    model, cfg = load_model(run, dev)
+    result = evaluate(
+        model, data.load(cfg.resolved().dataset, _root(root), split, dev, limit=limit)
+    )
+    record = {
+        "run": str(run),
+        "model": cfg.model,
+        "method": cfg.method,
+        "k": cfg.k,
+        "split": split,
+        "accuracy": result.accuracy,
+        "loss": result.loss,
+        "count": result.count,
+        "seconds": result.seconds,
+    }
+    if as_json:
+        click.echo(json.dumps(record, sort_keys=True))
+    else:
+        click.echo(
+            f"{cfg.model} ({cfg.method}, K={cfg.k}) {split} accuracy {result.accuracy:.4f} "
+            f"on {result.count} images, loss {result.loss:.4f}"
+        )
+
+
+@main.command("demo")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/demo"),
+    show_default=True,
+)
+@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--k", "k", type=int, default=8, show_default=True)
+@click.option("--limit", type=int, default=None, help="Use only the first N training examples.")
+@click.option("--force", is_flag=True, help="Replace the runs of an earlier demo in --out.")
+@DATA_ROOT
+@DEVICE
+def demo_cmd(
+    out: Path, epochs: int, k: int, limit: int | None, force: bool, root: Path | None, device: str
+) -> None:
+    """The main job on its small default: MNIST Lenet-300-100 as a K-slot network and in float32."""
+    from .pipeline import demo
+
+    rows = demo(
+        out,
+        root=_root(root),
+        k=k,
+        epochs=epochs,
+        limit=limit,
+        device=device,
+        force=force,
+        reporter=_Bars(),
+    )
+    header = f"{'model':24s} {'connections':>11s} {'bits/conn':>9s} {'vs fp32':>8s} {'test acc':>8s} {'s/epoch':>8s}"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for r in rows:
+        click.echo(
+            f"{r.name:24s} {r.connections:11,d} {r.bits_per_connection:9.2f} "
+            f"{32 / r.bits_per_connection:7.1f}x {100 * r.test_acc:7.2f}% "
+            f"{r.seconds_per_epoch:8.1f}"
+        )
+    click.echo(
+        "bits/conn is log2(K) for the slot model: packing into a .slot file comes with `slotpack pack`."
+    )

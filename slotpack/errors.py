@@ -1,0 +1,21 @@
+"""The exceptions slotpack raises; the CLI turns each into a one-line message and exit code 2."""
+
+
+class SlotpackError(ValueError):
+    """Base class of every error slotpack raises on bad input or missing resources."""
+
+
+class ConfigError(SlotpackError):
+    """An option or configuration value is out of range or unknown."""
+
+
+class RegistryError(ConfigError):
+    """A name (model, data set, method) is not in its registry; the message lists the valid names."""
+
+
+class DataError(SlotpackError):
+    """A data set is missing, incomplete or does not match what was expected."""
+
+
+class CheckpointError(SlotpackError):
+    """A checkpoint or run folder is missing, unreadable or inconsistent."""

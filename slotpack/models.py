@@ -1,0 +1,145 @@
+"""Torch models from the zoo (slotpack/arch.py): slot networks and their dense float32 twins.
+
+``create("conv6", k=8)`` is the one entry point; ``slotpack train --model conv6`` reads the same
+registry. A slot model and its learned twin have identical layer lists, so a trained slot model
+can seed the twin for finetuning (``dense_from_slot``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import arch as A
+from . import prng
+from .errors import ConfigError
+from .layers import SELECTIONS, SlotConv2d, SlotLinear
+
+METHODS = ("slot", "learned")
+SlotLayer = SlotLinear | SlotConv2d
+
+
+def _weighted_module(
+    layer: A.Linear | A.Conv2d, index: int, method: str, k: int, selection: str, seed: int, device
+) -> nn.Module:
+    if method == "slot":
+        common = dict(seed=seed, layer=index, selection=selection, bias=layer.bias, device=device)
+        if isinstance(layer, A.Linear):
+            return SlotLinear(layer.in_features, layer.out_features, k, **common)
+        return SlotConv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            k,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            **common,
+        )
+    if isinstance(layer, A.Linear):
+        module: nn.Module = nn.Linear(
+            layer.in_features, layer.out_features, layer.bias, device=device
+        )
+    else:
+        module = nn.Conv2d(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.bias,
+            device=device,
+        )
+    # Learned baselines start from Glorot-uniform values drawn from the same generator (slot 0 of
+    # a K=1 bank), so their initialisation is as reproducible as the slot models'.
+    bound = prng.glorot_bound(*layer.fans)
+    n = module.weight.numel()
+    with torch.no_grad():
+        module.weight.copy_(
+            prng.bank_torch(seed, index, n, 1, bound, device).view_as(module.weight)
+        )
+        if module.bias is not None:
+            module.bias.zero_()
+    return module
+
+
+def _plain_module(layer: A.Layer) -> nn.Module:
+    match layer:
+        case A.ReLU():
+            return nn.ReLU(inplace=True)
+        case A.MaxPool2d(kernel_size=ks, stride=st):
+            return nn.MaxPool2d(ks, st)
+        case A.AvgPool2d(kernel_size=ks, stride=st):
+            return nn.AvgPool2d(ks, st)
+        case A.BatchNorm2d():
+            return nn.BatchNorm2d(layer.num_features, layer.eps, layer.momentum, layer.affine)
+        case A.Flatten():
+            return nn.Flatten()
+        case A.Dropout(p=p):
+            return nn.Dropout(p)
+    raise ConfigError(f"no torch module for layer {layer!r}")
+
+
+class Net(nn.Sequential):
+    """A zoo network; ``arch``, ``method``, ``k``, ``selection`` and ``seed`` say how it was built."""
+
+    def __init__(self, arch: A.Arch, method: str, k: int, selection: str, seed: int, device=None):
+        modules: list[nn.Module] = []
+        index = 0
+        for layer in arch.layers:
+            if isinstance(layer, A.WEIGHTED):
+                modules.append(_weighted_module(layer, index, method, k, selection, seed, device))
+                index += 1
+            else:
+                modules.append(_plain_module(layer))
+        super().__init__(*modules)
+        if device is not None:
+            self.to(device)  # BatchNorm running statistics
+        self.arch, self.method, self.k, self.selection, self.seed = arch, method, k, selection, seed
+
+    def weighted_layers(self) -> list[nn.Module]:
+        """The Linear/Conv2d (slot or dense) modules in generator layer order."""
+        return [m for m in self if isinstance(m, (SlotLinear, SlotConv2d, nn.Linear, nn.Conv2d))]
+
+
+def create(
+    name: str,
+    k: int = 8,
+    *,
+    method: str = "slot",
+    selection: str = "greedy",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> Net:
+    """Build zoo model ``name`` as a slot network (any K >= 2) or its dense ``learned`` twin."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if selection not in SELECTIONS:
+        raise ConfigError(
+            f"unknown selection {selection!r}; choose one of: {', '.join(SELECTIONS)}"
+        )
+    if method == "slot" and k < 2:
+        raise ConfigError(f"K must be >= 2, got {k}")
+    if not 0 <= seed < 2**64:
+        raise ConfigError(f"seed must be in [0, 2**64), got {seed}")
+    return Net(A.get(name), method, k, selection, seed, device)
+
+
+def dense_from_slot(model: Net) -> Net:
+    """A learned twin whose weights are the slot model's selected (greedy) weights: finetuning's start."""
+    if model.method != "slot":
+        raise ConfigError("dense_from_slot needs a slot model")
+    device = next(model.parameters()).device
+    dense = Net(model.arch, "learned", model.k, model.selection, model.seed, device)
+    model_state = {k: v for k, v in model.state_dict().items() if not k.endswith(".scores")}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for slot, twin in zip(model.weighted_layers(), dense.weighted_layers(), strict=True):
+            twin.weight.copy_(slot.weight())
+    model.train(was_training)
+    dense.load_state_dict({**dense.state_dict(), **model_state})
+    return dense

@@ -1,0 +1,477 @@
+"""Training, evaluation, checkpoints and finetuning of zoo models on whole-tensor data sets.
+
+The loop keeps the data set on the training device, augments there, and synchronises with the host
+once per epoch (no ``.item()`` per step). A run folder holds ``config.json``, ``metrics.jsonl``
+(one JSON line per epoch), ``last.pt`` (everything ``--resume`` needs), ``best.pt`` (best on the
+validation split) and ``result.json``. Checkpoints are plain dicts of tensors and primitives,
+written atomically and read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__, data, models
+from . import arch as A
+from .errors import CheckpointError, ConfigError
+
+CHECKPOINT_VERSION = 1
+SCHEDULES = ("constant", "cosine", "step")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run; ``None`` fields take the reference code's default per model."""
+
+    model: str
+    dataset: str | None = None
+    method: str = "slot"
+    k: int = 8
+    selection: str = "greedy"
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    schedule: str | None = None
+    milestones: tuple[int, ...] | None = None
+    gamma: float = 0.1
+    limit: int | None = None
+    eval_limit: int | None = None
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        arch = A.get(self.model)
+        if self.dataset is not None:
+            data.spec(self.dataset)
+            if self.dataset != arch.dataset:
+                raise ConfigError(
+                    f"model {self.model} is defined for {arch.dataset}, not {self.dataset}"
+                )
+        if self.method not in models.METHODS:
+            raise ConfigError(
+                f"unknown method {self.method!r}; choose one of: {', '.join(models.METHODS)}"
+            )
+        if self.method == "slot" and self.k < 2:
+            raise ConfigError(f"K must be >= 2, got {self.k}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}"
+            )
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("limit", "eval_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.seed < 2**64:
+            raise ConfigError(f"seed must be in [0, 2**64), got {self.seed}")
+
+    def resolved(self) -> TrainConfig:
+        """The same config with every default filled in from the reference code."""
+        arch = A.get(self.model)
+        lr = self.lr
+        if lr is None:
+            if self.method == "learned":
+                lr = 0.01
+            elif self.selection == "probabilistic":
+                lr = 25.0 if self.model == "conv6" else 50.0
+            else:
+                lr = 0.1 if self.k <= 8 else 0.01
+        vgg = self.model == "vgg19"
+        schedule = self.schedule or ("step" if vgg else "constant")
+        milestones = self.milestones if self.milestones is not None else ((80,) if vgg else ())
+        wd = self.weight_decay if self.weight_decay is not None else (1e-4 if vgg else 0.0)
+        return replace(
+            self,
+            dataset=arch.dataset,
+            lr=lr,
+            schedule=schedule,
+            milestones=tuple(milestones),
+            weight_decay=wd,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones) if self.milestones is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise CheckpointError(f"checkpoint config has unknown keys {sorted(unknown)}")
+        d = dict(d)
+        if d.get("milestones") is not None:
+            d["milestones"] = tuple(d["milestones"])
+        return cls(**d)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate for 0-based ``epoch`` under the (resolved) schedule."""
+    assert cfg.lr is not None, "resolve the config first"
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones or ())
+    return cfg.lr
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a ConfigError."""
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+class Reporter(Protocol):
+    """Hooks the CLI implements with progress bars; the library itself never prints."""
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def step(self) -> None: ...
+    def epoch_end(self, record: dict[str, Any]) -> None: ...
+
+
+class SilentReporter:
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    count: int
+    seconds: float = field(default=0.0)
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast on CUDA: the bank and scores stay float32, matmuls/convs run in bf16.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _prepare(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda and x.dim() == 4 else x
+
+
+def evaluate(
+    model: torch.nn.Module, dataset: data.TensorData, batch_size: int = 1000
+) -> Evaluation:
+    """Mean cross-entropy and accuracy of ``model`` (eval mode: greedy selection) on ``dataset``."""
+    device = dataset.x.device
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    with torch.no_grad(), _autocast(device):
+        for x, y in data.batches(dataset, batch_size, train=False):
+            logits = model(_prepare(x)).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    n = len(dataset)
+    return Evaluation(loss_sum.item() / n, correct.item() / n, n, time.perf_counter() - start)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Read a checkpoint file or a run folder's ``best.pt`` safely (no arbitrary unpickling)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path} (expected a run folder or a .pt file)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or foreign files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("slotpack_checkpoint") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} is not a slotpack checkpoint (version {CHECKPOINT_VERSION}); "
+            "train one with `slotpack train`"
+        )
+    for key in ("config", "model", "epoch"):
+        if key not in ckpt:
+            raise CheckpointError(f"checkpoint {path} lacks {key!r}")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> models.Net:
+    """Rebuild the network a checkpoint describes (the bank is regenerated from the seed)."""
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = models.create(
+        cfg.model, cfg.k, method=cfg.method, selection=cfg.selection, seed=cfg.seed, device=device
+    )
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {ckpt['path']} does not fit model {cfg.model}: {str(exc).splitlines()[0]}"
+        ) from None
+    return model
+
+
+def load_model(
+    path: Path | str, device: torch.device | str = "cpu"
+) -> tuple[models.Net, TrainConfig]:
+    """The model and config of a run folder (best checkpoint) or checkpoint file."""
+    ckpt = load_checkpoint(path)
+    return model_from_checkpoint(ckpt, device), TrainConfig.from_dict(ckpt["config"])
+
+
+def _initial_model(cfg: TrainConfig, device: torch.device) -> models.Net:
+    if cfg.init_from is None:
+        return models.create(
+            cfg.model,
+            cfg.k,
+            method=cfg.method,
+            selection=cfg.selection,
+            seed=cfg.seed,
+            device=device,
+        )
+    source, _ = load_model(cfg.init_from, device)
+    if source.method != "slot":
+        raise ConfigError(
+            f"finetuning starts from a slot model; {cfg.init_from} is {source.method}"
+        )
+    return models.dense_from_slot(source)
+
+
+def _epoch(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    train_data: data.TensorData,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    reporter: Reporter,
+) -> tuple[float, float]:
+    device = train_data.x.device
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for x, y in data.batches(train_data, cfg.batch_size, train=True, generator=generator):
+        with _autocast(device):
+            logits = model(_prepare(x)).float()
+            loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach().double() * y.shape[0]
+        correct += (logits.detach().argmax(1) == y).sum()
+        reporter.step()
+    n = len(train_data)
+    return loss_sum.item() / n, correct.item() / n
+
+
+def _steps(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+def train(
+    cfg: TrainConfig,
+    out: Path | str,
+    *,
+    root: Path | str,
+    device: str = "auto",
+    resume: bool = False,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` into run folder ``out``; return the result record (also in result.json)."""
+    cfg = cfg.resolved()
+    out = Path(out)
+    dev = resolve_device(device)
+    reporter = reporter or SilentReporter()
+    last_path = out / "last.pt"
+    if resume:
+        if not last_path.is_file():
+            raise CheckpointError(f"nothing to resume: {last_path} does not exist")
+    elif last_path.exists():
+        raise CheckpointError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    train_data = data.load(cfg.dataset, root, "train", dev, limit=cfg.limit)
+    val_data = data.load(cfg.dataset, root, "val", dev, limit=cfg.eval_limit)
+
+    torch.manual_seed(cfg.seed % 2**63)  # dropout and probabilistic sampling
+    generator = torch.Generator(device=dev)
+    generator.manual_seed(cfg.seed % 2**63)
+    model = _initial_model(cfg, dev)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    start_epoch, best_val = 0, -1.0
+    if resume:
+        state = load_checkpoint(last_path)
+        saved = TrainConfig.from_dict(state["config"])
+        if replace(saved, epochs=cfg.epochs) != cfg:
+            raise CheckpointError(
+                f"--resume with a different config than {last_path} (only --epochs may change)"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        generator.set_state(state["rng_data"])
+        if dev.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        start_epoch, best_val = state["epoch"] + 1, state["best_val"]
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(
+        json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n", out / "config.json"
+    )
+
+    steps = _steps(len(train_data), cfg.batch_size)
+    for epoch in range(start_epoch, cfg.epochs):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        reporter.epoch_start(epoch, cfg.epochs, steps)
+        t0 = time.perf_counter()
+        train_loss, train_acc = _epoch(model, opt, train_data, cfg, generator, reporter)
+        seconds = time.perf_counter() - t0
+        val = evaluate(model, val_data)
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr_at(cfg, epoch),
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val.loss,
+            "val_acc": val.accuracy,
+            "epoch_seconds": seconds,
+        }
+        base = {
+            "slotpack_checkpoint": CHECKPOINT_VERSION,
+            "slotpack_version": __version__,
+            "config": cfg.to_dict(),
+            "epoch": epoch,
+            "val_acc": val.accuracy,
+        }
+        if val.accuracy > best_val:
+            best_val = val.accuracy
+            _atomic_save({**base, "model": model.state_dict()}, out / "best.pt")
+        state = {
+            **base,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "best_val": best_val,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_data": generator.get_state(),
+        }
+        if dev.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        _atomic_save(state, last_path)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        reporter.epoch_end(record)
+
+    counts = {"train_count": len(train_data), "val_count": len(val_data)}
+    return finish(out, root=root, device=dev, counts=counts)
+
+
+def finish(
+    out: Path, *, root: Path | str, device: torch.device, counts: dict[str, int]
+) -> dict[str, Any]:
+    """Evaluate a run's best checkpoint on the test split and write result.json."""
+    ckpt = load_checkpoint(out / "best.pt")
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = model_from_checkpoint(ckpt, device)
+    test = evaluate(model, data.load(cfg.dataset, root, "test", device, limit=cfg.eval_limit))
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    result = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "method": cfg.method,
+        "k": cfg.k,
+        "selection": cfg.selection,
+        "seed": cfg.seed,
+        "epochs": len(epochs),
+        "best_epoch": ckpt["epoch"] + 1,
+        "val_acc": ckpt["val_acc"],
+        "test_acc": test.accuracy,
+        "test_loss": test.loss,
+        "test_count": test.count,
+        **counts,
+        "mean_epoch_seconds": sum(e["epoch_seconds"] for e in epochs) / max(len(epochs), 1),
+        "device": str(device),
+        "torch": torch.__version__,
+        "slotpack": __version__,
+    }
+    _atomic_write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", out / "result.json")
+    return result
+
+
+def iter_metrics(out: Path | str) -> Iterator[dict[str, Any]]:
+    """The per-epoch records of a run folder."""
+    path = Path(out) / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            yield json.loads(line)
+
+
+def finetune_config(
+    run: Path | str,
+    *,
+    epochs: int,
+    lr: float | None = None,
+    schedule: str | None = None,
+    limit: int | None = None,
+    eval_limit: int | None = None,
+) -> TrainConfig:
+    """Config of the paper's finetuning: the learned twin, initialised from a slot run's selection."""
+    ckpt = load_checkpoint(run)
+    source = TrainConfig.from_dict(ckpt["config"])
+    if source.method != "slot":
+        raise ConfigError(
+            f"finetune needs a slot run; {run} was trained with --method {source.method}"
+        )
+    return replace(
+        source,
+        method="learned",
+        init_from=str(Path(ckpt["path"]).resolve()),
+        epochs=epochs,
+        lr=lr,
+        schedule=schedule,
+        milestones=None,
+        limit=limit,
+        eval_limit=eval_limit,
+    )

@@ -1,0 +1,139 @@
+"""The command line: the README's path on a subset, and one-line errors with exit code 2."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from slotpack.cli import main
+
+
+@pytest.fixture()
+def run(monkeypatch):
+    def invoke(*args: str):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    error = [line for line in lines if line.startswith("Error:")]
+    assert len(error) == 1, result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in error[0], error[0]
+
+
+def test_train_eval_finetune(run, mnist_root, tmp_path):
+    out = tmp_path / "lenet-k8"
+    r = run(
+        "train",
+        "--model",
+        "lenet300100",
+        "--dataset",
+        "mnist",
+        "--k",
+        "8",
+        "--selection",
+        "greedy",
+        "--epochs",
+        "1",
+        "--limit",
+        "3000",
+        "--eval-limit",
+        "2000",
+        "--root",
+        mnist_root,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    )
+    assert r.exit_code == 0, r.output
+    assert "test acc" in r.output
+    assert (out / "best.pt").is_file() and (out / "metrics.jsonl").is_file()
+    r = run("eval", out, "--root", mnist_root, "--json", "--limit", "1000")
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.output)
+    assert record["count"] == 1000 and record["accuracy"] > 0.7
+    result = json.loads((out / "result.json").read_text())
+    r = run("eval", out, "--root", mnist_root, "--limit", "2000")
+    assert f"{result['test_acc']:.4f}" in r.output
+    r = run(
+        "finetune",
+        out,
+        "--epochs",
+        "1",
+        "--limit",
+        "2000",
+        "--eval-limit",
+        "1000",
+        "--root",
+        mnist_root,
+        "--out",
+        tmp_path / "ft",
+    )
+    assert r.exit_code == 0, r.output
+    ft = json.loads((tmp_path / "ft" / "result.json").read_text())
+    assert ft["method"] == "learned"
+    # The same folder again without --resume is refused, and nothing is overwritten.
+    before = (out / "best.pt").read_bytes()
+    r = run("train", "--model", "lenet300100", "--epochs", "1", "--root", mnist_root, "--out", out)
+    _one_line_error(r, "already holds a run", "--resume")
+    assert (out / "best.pt").read_bytes() == before
+
+
+def test_env_var_sets_the_data_root(run, mnist_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("SLOTPACK_DATA", str(mnist_root))
+    r = run("data", "mnist")
+    assert r.exit_code == 0 and str(mnist_root) in r.output
+    monkeypatch.setenv("SLOTPACK_DATA", str(tmp_path / "empty"))
+    r = run("train", "--model", "lenet300100", "--out", tmp_path / "x")
+    _one_line_error(r, "MNIST not found", "slotpack data mnist")
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["train", "--model", "resnet50", "--out", "x"], ["unknown model", "lenet300100"]),
+        (["train", "--model", "conv2", "--k", "1", "--out", "x"], ["K must be >= 2"]),
+        (["train", "--model", "conv2", "--method", "frozen", "--out", "x"], ["frozen"]),
+        (
+            ["train", "--model", "conv2", "--dataset", "mnist", "--out", "x"],
+            ["defined for cifar10"],
+        ),
+        (["train", "--model", "conv2", "--milestones", "a,b", "--out", "x"], ["milestones"]),
+        (["eval", "does-not-exist"], ["no checkpoint"]),
+        (["data", "imagenet"], ["imagenet"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(run, tmp_path, monkeypatch, args, needles):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(run(*args), *needles)
+
+
+def test_corrupt_checkpoint_is_one_line(run, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    _one_line_error(run("eval", bad), "cannot read checkpoint")
+
+
+def test_cuda_without_cuda_is_one_line(run, mnist_root, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the error path does not apply")
+    r = run(
+        "train",
+        "--model",
+        "lenet300100",
+        "--device",
+        "cuda",
+        "--root",
+        mnist_root,
+        "--out",
+        tmp_path / "x",
+    )
+    _one_line_error(r, "no CUDA device")
