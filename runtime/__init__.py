@@ -1,5 +1,10 @@
-"""slotpack.runtime: the torch-free side of slotpack (numpy only; torch is never imported here).
+"""slotpack.runtime: the torch-free side of slotpack (numpy and the generator's numpy half only).
 
-Rebuilding dense weights from a ``.slot`` file and running models in onnxruntime land here with
-the format and ONNX issues; the generator's numpy half they use is ``slotpack.prng``.
+``rebuild(path)`` turns a ``.slot`` file into dense float32 arrays; a test imports this package
+with torch made unimportable.
 """
+
+from .arrays import save_arrays
+from .rebuild import rebuild
+
+__all__ = ["rebuild", "save_arrays"]

@@ -11,9 +11,20 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .errors import CheckpointError, ConfigError, DataError, RegistryError, SlotpackError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OutputExistsError,
+    RegistryError,
+    SlotpackError,
+)
+from .format import SlotFormatError
 
 _LAZY = {
+    "rebuild": "slotpack.runtime",
+    "pack_checkpoint": "slotpack.pack",
+    "pack_model": "slotpack.pack",
     "create": "slotpack.models",
     "SlotLinear": "slotpack.layers",
     "SlotConv2d": "slotpack.layers",
@@ -29,6 +40,8 @@ __all__ = [
     "RegistryError",
     "DataError",
     "CheckpointError",
+    "OutputExistsError",
+    "SlotFormatError",
     *_LAZY,
 ]
 

@@ -227,3 +227,46 @@ def get(name: str) -> Arch:
         return ZOO[name]
     except KeyError:
         raise RegistryError(f"unknown model {name!r}; choose one of: {', '.join(ZOO)}") from None
+
+
+def _window(size: int, kernel: int, stride: int, padding: int = 0, dilation: int = 1) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def output_shapes(layers: tuple[Layer, ...], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The output shape (without batch) after each layer; ValueError names the first misfit."""
+    shape = tuple(input_shape)
+    shapes = []
+    for pos, layer in enumerate(layers):
+        where = f"layer {pos} ({layer.op})"
+        if isinstance(layer, (Conv2d, MaxPool2d, AvgPool2d, BatchNorm2d)) and len(shape) != 3:
+            raise ValueError(f"{where} needs a [C, H, W] input, got {list(shape)}")
+        match layer:
+            case Conv2d():
+                if shape[0] != layer.in_channels:
+                    raise ValueError(
+                        f"{where} expects {layer.in_channels} channels, gets {shape[0]}"
+                    )
+                if layer.in_channels % layer.groups or layer.out_channels % layer.groups:
+                    raise ValueError(f"{where}: channels not divisible by groups={layer.groups}")
+                hw = [_window(s, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+                      for s in shape[1:]]  # fmt: skip
+                shape = (layer.out_channels, *hw)
+            case MaxPool2d() | AvgPool2d():
+                shape = (
+                    shape[0],
+                    *(_window(s, layer.kernel_size, layer.stride) for s in shape[1:]),
+                )
+            case BatchNorm2d():
+                if shape[0] != layer.num_features:
+                    raise ValueError(f"{where} has {layer.num_features} features, gets {shape[0]}")
+            case Flatten():
+                shape = (math.prod(shape),)
+            case Linear():
+                if shape != (layer.in_features,):
+                    raise ValueError(f"{where} expects [{layer.in_features}], gets {list(shape)}")
+                shape = (layer.out_features,)
+        if any(s < 1 for s in shape):
+            raise ValueError(f"{where} produces an empty output {list(shape)}")
+        shapes.append(shape)
+    return shapes

@@ -206,6 +206,91 @@ def eval_cmd(
         )
 
 
+@main.command("pack")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The .slot file to write.",
+)
+@click.option(
+    "--float16", "half", is_flag=True, help="Store dense tensors (BatchNorm, biases) as float16."
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def pack_cmd(run: Path, output: Path, half: bool, force: bool) -> None:
+    """Pack a run folder (its best checkpoint) or checkpoint file into a .slot file."""
+    from .atomic import write_bytes
+    from .errors import OutputExistsError
+    from .pack import pack_checkpoint
+
+    if output.exists() and not force:  # before the work, and again atomically when writing
+        raise OutputExistsError(f"{output} exists; pass --force to overwrite it")
+    blob, info = pack_checkpoint(run, encoding="float16" if half else "float32")
+    write_bytes(output, blob, force=force)
+    click.echo(
+        f"{output}: {info.size:,} bytes, {info.bits_per_connection:.3f} bits per connection, "
+        f"{info.ratio:.2f}x smaller than float32 ({info.float32_size:,} bytes)"
+    )
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@click.option("--verify", is_flag=True, help="Also re-check every section's CRC-32.")
+def inspect_cmd(path: Path, as_json: bool, verify: bool) -> None:
+    """Per-layer table of a .slot file: shapes, K, bits, bytes and ratio against float32."""
+    from . import format as F
+    from .inspect import summary
+
+    report = summary(F.read(path, verify=verify), verified=verify)
+    if as_json:
+        click.echo(json.dumps(report, sort_keys=True))
+        return
+    head = f"{'layer':>5s} {'op':10s} {'shape':20s} {'K':>5s} {'bits':>5s} {'bytes':>11s} {'vs fp32':>8s}"
+    click.echo(head)
+    click.echo("-" * len(head))
+    for r in report["layers"]:
+        k = str(r["k"]) if r["k"] else ""
+        bits = str(r["bits"]) if r["bits"] else ""
+        click.echo(
+            f"{r['position']:5d} {r['op']:10s} {'x'.join(map(str, r['shape'])):20s} {k:>5s} "
+            f"{bits:>5s} {r['bytes']:11,d} {r['ratio']:7.2f}x"
+        )
+    t = report["total"]
+    click.echo("-" * len(head))
+    click.echo(
+        f"file {t['bytes']:,} bytes (header and manifest {t['overhead_bytes']:,}), "
+        f"{t['connections']:,} connections, {t['bits_per_connection']:.3f} bits per connection, "
+        f"{t['ratio']:.2f}x smaller than float32 ({t['float32_bytes']:,} bytes)"
+    )
+    click.echo(
+        f"generator {report['generator']} seed {report['seed']}, K={report['k']}, "
+        f"selection {report['selection']}; checksums {'verified' if verify else 'not verified (--verify)'}"
+    )
+
+
+@main.command("unpack")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="A .safetensors or .npz file.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def unpack_cmd(path: Path, output: Path, force: bool) -> None:
+    """Rebuild the dense float32 weights of a .slot file into .safetensors or .npz (no torch)."""
+    from .runtime import rebuild, save_arrays
+
+    arrays = rebuild(path)
+    save_arrays(arrays, output, force=force)
+    total = sum(a.size for a in arrays.values())
+    click.echo(f"{output}: {len(arrays)} arrays, {total:,} float32 values")
+
+
 @main.command("demo")
 @click.option(
     "--out",

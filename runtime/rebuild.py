@@ -1,0 +1,45 @@
+"""Dense float32 arrays from a ``.slot`` file, with numpy only (torch is never imported here).
+
+The names follow the dense twin's torch state dict (``"1.weight"``, ``"4.running_var"``...), so
+``model.load_state_dict({k: torch.from_numpy(v) ...})`` loads them into ``create(name,
+method="learned")`` unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from slotpack import format as F
+from slotpack import prng
+
+
+def weight(slot: F.SlotFile, position: int) -> np.ndarray:
+    """The dense weight of the weighted layer at ``position``: only the selected values are made."""
+    for pos, number, layer, tensors in slot.weighted():
+        if pos == position:
+            index = slot.indices(tensors["indices"])
+            bound = prng.glorot_bound(*layer.fans)
+            values = prng.selected_np(slot.seed, number, index, slot.k, bound)
+            return values.reshape(layer.weight_shape)
+    raise KeyError(f"layer {position} is not a weighted layer")
+
+
+def arrays(slot: F.SlotFile) -> dict[str, np.ndarray]:
+    """Every dense array of a decoded file, in layer order."""
+    out: dict[str, np.ndarray] = {}
+    weighted = {pos for pos, *_ in slot.weighted()}
+    for pos, roles in enumerate(slot.tensors):
+        if pos in weighted:
+            out[f"{pos}.weight"] = weight(slot, pos)
+        for role, name in roles.items():
+            if role != "indices":
+                out[f"{pos}.{role}"] = slot.tensor(name)
+    return out
+
+
+def rebuild(source: Path | str | F.SlotFile, *, verify: bool = True) -> dict[str, np.ndarray]:
+    """Read a ``.slot`` file (path or decoded) and return its dense float32 arrays by name."""
+    slot = source if isinstance(source, F.SlotFile) else F.read(source, verify=verify)
+    return arrays(slot)
