@@ -249,8 +249,10 @@ def output_shapes(layers: tuple[Layer, ...], input_shape: tuple[int, ...]) -> li
                     )
                 if layer.in_channels % layer.groups or layer.out_channels % layer.groups:
                     raise ValueError(f"{where}: channels not divisible by groups={layer.groups}")
-                hw = [_window(s, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
-                      for s in shape[1:]]  # fmt: skip
+                hw = [
+                    _window(s, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+                    for s in shape[1:]
+                ]
                 shape = (layer.out_channels, *hw)
             case MaxPool2d() | AvgPool2d():
                 shape = (

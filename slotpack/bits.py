@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-BLOCK = 1 << 16
+BLOCK = 1 << 14
 MAX_BITS = 16
 
 

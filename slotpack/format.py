@@ -36,8 +36,19 @@ MAX_K = 1 << 16
 MAX_DIM = 1 << 31
 SELECTIONS = ("greedy", "probabilistic")
 ENCODINGS = {"bits": 0, "float32": 4, "float16": 2}  # bytes per element (bits: packed)
-MANIFEST_KEYS = {"format", "version", "generator", "k", "index_bits", "selection", "input",
-                 "num_classes", "layers", "sections", "metadata"}  # fmt: skip
+MANIFEST_KEYS = {
+    "format",
+    "version",
+    "generator",
+    "k",
+    "index_bits",
+    "selection",
+    "input",
+    "num_classes",
+    "layers",
+    "sections",
+    "metadata",
+}
 SECTION_KEYS = {"name", "encoding", "shape", "offset", "length", "crc32"}
 ROLES = {
     "linear": ("indices", "bias"),
@@ -188,18 +199,31 @@ def encode(
         encoding, shape, data = blobs[name]
         payload += bytes(_align8(offset) - offset)
         offset = _align8(offset)
-        sections.append({"name": name, "encoding": encoding, "shape": list(shape),
-                         "offset": offset, "length": len(data), "crc32": _crc(data)})  # fmt: skip
+        sections.append(
+            {
+                "name": name,
+                "encoding": encoding,
+                "shape": list(shape),
+                "offset": offset,
+                "length": len(data),
+                "crc32": _crc(data),
+            }
+        )
         payload += data
         offset += len(data)
     manifest = {
-        "format": "slotpack", "version": FORMAT_VERSION,
+        "format": "slotpack",
+        "version": FORMAT_VERSION,
         "generator": {"id": GENERATOR_ID, "seed": f"{seed:016x}"},
-        "k": k, "index_bits": B.bits_for(k), "selection": selection,
+        "k": k,
+        "index_bits": B.bits_for(k),
+        "selection": selection,
         "input": {"shape": list(input_shape), "mean": list(mean), "std": list(std)},
-        "num_classes": num_classes, "layers": manifest_layers, "sections": sections,
+        "num_classes": num_classes,
+        "layers": manifest_layers,
+        "sections": sections,
         "metadata": metadata or {},
-    }  # fmt: skip
+    }
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
     head = _header(len(text), _crc(text), len(payload))
     data = head + text + bytes(_align8(len(text)) - len(text)) + bytes(payload)
@@ -292,9 +316,26 @@ def _parse_json(text: bytes) -> dict[str, Any]:
     def no_constants(name: str) -> None:
         raise ManifestError(f"manifest contains {name}, which JSON does not allow")
 
+    def finite(literal: str) -> float:  # 1e999 would parse as inf: Infinity by another name
+        value = float(literal)
+        if not math.isfinite(value):
+            raise ManifestError(f"manifest number {literal[:24]} overflows to Infinity")
+        return value
+
+    def integer(literal: str) -> int:  # int() refuses over 4300 digits with a plain ValueError
+        try:
+            return int(literal)
+        except ValueError:
+            raise ManifestError(f"manifest has an integer of {len(literal)} digits") from None
+
     try:
-        doc = json.loads(text.decode("utf-8"), object_pairs_hook=no_duplicates,
-                         parse_constant=no_constants)  # fmt: skip
+        doc = json.loads(
+            text.decode("utf-8"),
+            object_pairs_hook=no_duplicates,
+            parse_constant=no_constants,
+            parse_float=finite,
+            parse_int=integer,
+        )
     except UnicodeDecodeError as exc:
         raise ManifestError(f"manifest is not UTF-8 (byte {exc.start})") from None
     except RecursionError:
@@ -346,7 +387,8 @@ def _float(value: Any, where: str) -> float:
 
 def _parse_layer(entry: Any, pos: int) -> tuple[A.Layer, dict[str, str]]:
     where = f"layer {pos}"
-    if not isinstance(entry, dict) or entry.get("op") not in A.LAYER_TYPES:
+    op = entry.get("op") if isinstance(entry, dict) else None
+    if not isinstance(op, str) or op not in A.LAYER_TYPES:  # a list op is unhashable
         op = entry.get("op") if isinstance(entry, dict) else entry
         raise ManifestError(
             f"{where}: unknown op {op!r}; known: {', '.join(sorted(A.LAYER_TYPES))}"
@@ -387,7 +429,7 @@ def _validate(m: dict[str, Any], payload_length: int):
     _keys(m, MANIFEST_KEYS, "manifest")
     if m["format"] != "slotpack":
         raise ManifestError(f"manifest format is {m['format']!r}, not 'slotpack'")
-    if m["version"] != FORMAT_VERSION or isinstance(m["version"], bool):
+    if type(m["version"]) is not int or m["version"] != FORMAT_VERSION:  # not true, not 1.0
         raise ManifestError(
             f"manifest version {m['version']!r} does not match the header's {FORMAT_VERSION}"
         )
@@ -444,7 +486,7 @@ def _validate_sections(entries: Any, k: int, payload_length: int) -> dict[str, S
         name, encoding = entry["name"], entry["encoding"]
         if not isinstance(name, str) or name in sections:
             raise ManifestError(f"{where}: name must be a unique string, got {name!r}")
-        if encoding not in ENCODINGS:
+        if not isinstance(encoding, str) or encoding not in ENCODINGS:
             raise ManifestError(
                 f"{where} ({name}): encoding {encoding!r} is not one of {', '.join(ENCODINGS)}"
             )

@@ -24,23 +24,38 @@ def summary(slot: F.SlotFile, *, verified: bool = False) -> dict[str, Any]:
         n = math.prod(layer.weight_shape) if weighted else 0
         connections += n
         dense += values
-        rows.append({
-            "position": pos, "op": layer.op,
-            "shape": list(layer.weight_shape) if weighted else [layer.num_features],
-            "k": slot.k if weighted else None, "bits": slot.index_bits if weighted else None,
-            "connections": n, "dense_values": values, "bytes": nbytes,
-            "ratio": 4 * (n + values) / nbytes if nbytes else 0.0,
-        })  # fmt: skip
+        rows.append(
+            {
+                "position": pos,
+                "op": layer.op,
+                "shape": list(layer.weight_shape) if weighted else [layer.num_features],
+                "k": slot.k if weighted else None,
+                "bits": slot.index_bits if weighted else None,
+                "connections": n,
+                "dense_values": values,
+                "bytes": nbytes,
+                "ratio": 4 * (n + values) / nbytes if nbytes else 0.0,
+            }
+        )
     float32 = 4 * (connections + dense)
     total = {
-        "bytes": slot.size, "overhead_bytes": slot.size - sum(r["bytes"] for r in rows),
-        "connections": connections, "dense_values": dense, "float32_bytes": float32,
+        "bytes": slot.size,
+        "overhead_bytes": slot.size - sum(r["bytes"] for r in rows),
+        "connections": connections,
+        "dense_values": dense,
+        "float32_bytes": float32,
         "bits_per_connection": 8 * slot.size / connections if connections else 0.0,
         "ratio": float32 / slot.size,
-    }  # fmt: skip
+    }
     return {
-        "format_version": slot.manifest["version"], "generator": slot.manifest["generator"]["id"],
-        "seed": slot.manifest["generator"]["seed"], "k": slot.k, "index_bits": slot.index_bits,
-        "selection": slot.manifest["selection"], "checksums_verified": verified,
-        "layers": rows, "total": total, "metadata": slot.manifest["metadata"],
-    }  # fmt: skip
+        "format_version": slot.manifest["version"],
+        "generator": slot.manifest["generator"]["id"],
+        "seed": slot.manifest["generator"]["seed"],
+        "k": slot.k,
+        "index_bits": slot.index_bits,
+        "selection": slot.manifest["selection"],
+        "checksums_verified": verified,
+        "layers": rows,
+        "total": total,
+        "metadata": slot.manifest["metadata"],
+    }

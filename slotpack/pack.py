@@ -92,22 +92,40 @@ def encode_selection(
         array = np.asarray(array, dtype=np.float32)
         blobs[name] = (encoding, array.shape, array.astype(dtype).tobytes())
     return F.encode(
-        layers=arch.layers, seed=seed, k=k, selection=selection, input_shape=arch.input_shape,
-        mean=mean, std=std, num_classes=arch.num_classes, blobs=blobs, metadata=metadata,
-    )  # fmt: skip
+        layers=arch.layers,
+        seed=seed,
+        k=k,
+        selection=selection,
+        input_shape=arch.input_shape,
+        mean=mean,
+        std=std,
+        num_classes=arch.num_classes,
+        blobs=blobs,
+        metadata=metadata,
+    )
 
 
 def pack_model(
-    model: Net, *, metadata: dict[str, Any] | None = None, encoding: str = "float32"
+    model: Net,
+    *,
+    metadata: dict[str, Any] | None = None,
+    encoding: str = "float32",
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
 ) -> tuple[bytes, PackInfo]:
-    """Pack a slot ``Net`` (greedy indices of its current scores) into file bytes."""
+    """Pack a slot ``Net`` (greedy indices of its current scores) into file bytes.
+
+    The input normalisation recorded in the file is the data set's unless ``mean``/``std`` say.
+    """
     from . import data
 
     if model.method != "slot":
         raise ConfigError(
             "only slot models pack into .slot files (this one is a dense float32 model)"
         )
-    spec = data.spec(model.arch.dataset)
+    if mean is None or std is None:
+        spec = data.spec(model.arch.dataset)
+        mean, std = spec.mean, spec.std
     indices, tensors = [], {}
     for pos, (layer, module) in enumerate(zip(model.arch.layers, model, strict=True)):
         if isinstance(layer, A.WEIGHTED):
@@ -118,9 +136,17 @@ def pack_model(
             tensors[F.section_name(pos, "running_mean")] = module.running_mean.cpu().numpy()
             tensors[F.section_name(pos, "running_var")] = module.running_var.cpu().numpy()
     blob = encode_selection(
-        model.arch, seed=model.seed, k=model.k, selection=model.selection, indices=indices,
-        tensors=tensors, mean=spec.mean, std=spec.std, metadata=metadata, encoding=encoding,
-    )  # fmt: skip
+        model.arch,
+        seed=model.seed,
+        k=model.k,
+        selection=model.selection,
+        indices=indices,
+        tensors=tensors,
+        mean=mean,
+        std=std,
+        metadata=metadata,
+        encoding=encoding,
+    )
     info = PackInfo(len(blob), model.arch.num_connections, sum(t.size for t in tensors.values()))
     return blob, info
 
@@ -128,10 +154,13 @@ def pack_model(
 def run_metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
     """What a file records about its training run (free-form manifest metadata)."""
     meta: dict[str, Any] = {
-        "model": ckpt["config"]["model"], "dataset": ckpt["config"].get("dataset"),
-        "epoch": ckpt["epoch"] + 1, "val_acc": ckpt.get("val_acc"),
-        "slotpack": ckpt.get("slotpack_version", __version__), "config": ckpt["config"],
-    }  # fmt: skip
+        "model": ckpt["config"]["model"],
+        "dataset": ckpt["config"].get("dataset"),
+        "epoch": ckpt["epoch"] + 1,
+        "val_acc": ckpt.get("val_acc"),
+        "slotpack": ckpt.get("slotpack_version", __version__),
+        "config": ckpt["config"],
+    }
     result = Path(ckpt["path"]).parent / "result.json"
     if result.is_file():
         try:

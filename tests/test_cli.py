@@ -137,3 +137,95 @@ def test_cuda_without_cuda_is_one_line(run, mnist_root, tmp_path):
         tmp_path / "x",
     )
     _one_line_error(r, "no CUDA device")
+
+
+@pytest.fixture(scope="module")
+def lenet_run(mnist_root, tmp_path_factory):
+    from slotpack.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("cli") / "lenet-k8"
+    cfg = TrainConfig(model="lenet300100", k=8, epochs=1, limit=3000, eval_limit=1000)
+    train(cfg, out, root=mnist_root, device="cpu")
+    return out
+
+
+def test_pack_inspect_unpack(run, lenet_run, tmp_path):
+    import numpy as np
+    from safetensors.numpy import load_file
+    from slotpack.runtime import rebuild
+
+    from slotpack.train import load_model
+
+    slot = tmp_path / "lenet-k8.slot"
+    r = run("pack", lenet_run, "-o", slot)
+    assert r.exit_code == 0, r.output
+    assert "bits per connection" in r.output and "smaller than float32" in r.output
+    size = slot.stat().st_size
+    assert f"{size:,} bytes" in r.output and size <= 101_500
+    # The checkpoint file itself packs to the same bytes as its run folder.
+    r = run("pack", lenet_run / "best.pt", "-o", tmp_path / "again.slot")
+    assert r.exit_code == 0 and (tmp_path / "again.slot").read_bytes() == slot.read_bytes()
+
+    r = run("inspect", slot)
+    assert r.exit_code == 0 and "300x784" in r.output and "not verified" in r.output
+    r = run("inspect", slot, "--json", "--verify")
+    report = json.loads(r.output)
+    assert report["checksums_verified"] and report["k"] == 8 and report["index_bits"] == 3
+    assert [row["shape"] for row in report["layers"]] == [[300, 784], [100, 300], [10, 100]]
+    assert report["total"]["bytes"] == size and report["metadata"]["model"] == "lenet300100"
+
+    r = run("unpack", slot, "-o", tmp_path / "w.safetensors")
+    assert r.exit_code == 0, r.output
+    arrays = load_file(tmp_path / "w.safetensors")
+    model, _ = load_model(lenet_run)
+    model.eval()
+    assert np.array_equal(arrays["1.weight"], model[1].weight().detach().numpy())
+    r = run("unpack", slot, "-o", tmp_path / "w.npz")
+    assert r.exit_code == 0 and set(np.load(tmp_path / "w.npz").files) == set(rebuild(slot))
+
+
+def test_pack_refuses_to_overwrite_and_bad_files(run, lenet_run, mnist_root, tmp_path):
+    slot = tmp_path / "m.slot"
+    assert run("pack", lenet_run, "-o", slot).exit_code == 0
+    before = slot.read_bytes()
+    _one_line_error(run("pack", lenet_run, "-o", slot), "exists", "--force")
+    assert slot.read_bytes() == before
+    assert run("pack", lenet_run, "-o", slot, "--force").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.slot"]  # no temporary files left
+
+    corrupt = tmp_path / "corrupt.slot"
+    corrupt.write_bytes(before[:-10])
+    _one_line_error(run("inspect", corrupt), "corrupt.slot", "declares")
+    flipped = bytearray(before)
+    flipped[-5] ^= 0xFF
+    (tmp_path / "flipped.slot").write_bytes(bytes(flipped))
+    assert run("inspect", tmp_path / "flipped.slot").exit_code == 0  # table only reads the manifest
+    _one_line_error(run("inspect", tmp_path / "flipped.slot", "--verify"), "CRC-32")
+    _one_line_error(run("unpack", tmp_path / "flipped.slot", "-o", tmp_path / "x.npz"), "CRC-32")
+    assert not (tmp_path / "x.npz").exists()
+    _one_line_error(run("unpack", slot, "-o", tmp_path / "x.pt"), ".safetensors or .npz")
+    _one_line_error(run("inspect", lenet_run / "best.pt"), "not a .slot file")
+    _one_line_error(run("inspect", tmp_path / "missing.slot"), "missing.slot")
+    _one_line_error(run("pack", tmp_path / "nothing", "-o", tmp_path / "n.slot"), "no checkpoint")
+
+    learned = tmp_path / "fp32"
+    r = run(
+        "train",
+        "--model",
+        "lenet300100",
+        "--method",
+        "learned",
+        "--epochs",
+        "1",
+        "--limit",
+        "500",
+        "--eval-limit",
+        "500",
+        "--root",
+        mnist_root,
+        "--out",
+        learned,
+    )
+    assert r.exit_code == 0, r.output
+    _one_line_error(run("pack", learned, "-o", tmp_path / "fp32.slot"), "only slot models")
+    assert not (tmp_path / "fp32.slot").exists()

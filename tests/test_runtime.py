@@ -1,0 +1,104 @@
+"""The torch-free runtime: rebuild and unpack run with torch made unimportable."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from slotpack.runtime import rebuild, save_arrays
+
+from slotpack import format as F
+from slotpack import models
+from slotpack.errors import ConfigError, OutputExistsError
+from slotpack.pack import pack_model
+
+NO_TORCH = "import sys; sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
+
+
+@pytest.fixture(scope="module")
+def conv6_file(tmp_path_factory):
+    model = models.create("conv6", 8, seed=21)
+    with torch.no_grad():
+        for m in model.weighted_layers():
+            m.scores.uniform_()
+    path = tmp_path_factory.mktemp("rt") / "conv6.slot"
+    F.write(path, pack_model(model)[0])
+    model.eval()
+    expected = {
+        f"{p}.weight": m.weight().detach().numpy()
+        for p, m in enumerate(model)
+        if hasattr(m, "scores")
+    }
+    return path, expected
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", NO_TORCH + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_torch_really_is_blocked():
+    r = _run("import torch")
+    assert r.returncode != 0 and "import of torch halted" in r.stderr
+
+
+def test_rebuild_without_torch(conv6_file, tmp_path):
+    path, expected = conv6_file
+    out = tmp_path / "w.npz"
+    r = _run(f"""
+        import numpy as np
+        from slotpack.runtime import rebuild
+        w = rebuild({str(path)!r})
+        np.savez({str(out)!r}, **w)
+        assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules if sys.modules[m])
+        print("ok", len(w))
+    """)
+    assert r.returncode == 0, r.stderr
+    got = np.load(out)
+    assert set(got.files) == set(expected)
+    for name, value in expected.items():
+        assert np.array_equal(got[name].view(np.uint32), value.view(np.uint32))
+
+
+def test_unpack_cli_without_torch(conv6_file, tmp_path):
+    path, expected = conv6_file
+    out = tmp_path / "conv6.safetensors"
+    r = _run(f"""
+        from slotpack.cli import main
+        main(["unpack", {str(path)!r}, "-o", {str(out)!r}], standalone_mode=False)
+        main(["inspect", {str(path)!r}, "--json", "--verify"], standalone_mode=False)
+    """)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["checksums_verified"] and report["total"]["connections"] == 1_474_752
+    arrays = load_file(out)
+    for name, value in expected.items():
+        assert np.array_equal(arrays[name], value)
+
+
+def test_save_arrays_formats_and_refusals(tmp_path):
+    arrays = {"1.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    npz = save_arrays(arrays, tmp_path / "a.npz")
+    assert np.array_equal(np.load(npz)["1.weight"], arrays["1.weight"])
+    st = save_arrays(arrays, tmp_path / "a.safetensors", metadata={"source": "test"})
+    assert np.array_equal(load_file(st)["1.weight"], arrays["1.weight"])
+    with pytest.raises(OutputExistsError):
+        save_arrays({"x": np.zeros(1, np.float32)}, st)
+    assert np.array_equal(load_file(st)["1.weight"], arrays["1.weight"])  # untouched
+    with pytest.raises(ConfigError, match=".safetensors or .npz"):
+        save_arrays(arrays, tmp_path / "a.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "a.safetensors"]
+
+
+def test_rebuild_accepts_a_decoded_file(conv6_file):
+    path, expected = conv6_file
+    slot = F.read(path)
+    assert rebuild(slot).keys() == rebuild(path).keys() == expected.keys()
