@@ -168,42 +168,128 @@ def finetune_cmd(
 
 
 @main.command("eval")
-@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON record.")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option(
+    "--dataset",
+    type=click.Choice(["mnist", "cifar10"]),
+    default=None,
+    help="For .slot/.onnx files: the data set (default: the one the file records).",
+)
 @click.option("--limit", type=int, default=None, help="Use only the first N examples.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=256,
+    show_default=True,
+    help="onnxruntime batch size (.slot/.onnx).",
+)
 @DATA_ROOT
 @DEVICE
 def eval_cmd(
-    run: Path, as_json: bool, split: str, limit: int | None, root: Path | None, device: str
+    target: Path,
+    as_json: bool,
+    split: str,
+    dataset: str | None,
+    limit: int | None,
+    batch_size: int,
+    root: Path | None,
+    device: str,
 ) -> None:
-    """Accuracy of a run folder (its best checkpoint) or checkpoint file, in torch."""
+    """Accuracy of a run folder or checkpoint (torch), or of a .slot/.onnx file (onnxruntime)."""
     from . import data
-    from .train import evaluate, load_model, resolve_device
 
-    dev = resolve_device(device)
-    model, cfg = load_model(run, dev)
-    result = evaluate(
-        model, data.load(cfg.resolved().dataset, _root(root), split, dev, limit=limit)
-    )
-    record = {
-        "run": str(run),
-        "model": cfg.model,
-        "method": cfg.method,
-        "k": cfg.k,
-        "split": split,
-        "accuracy": result.accuracy,
-        "loss": result.loss,
-        "count": result.count,
-        "seconds": result.seconds,
-    }
+    if target.suffix in (".slot", ".onnx"):
+        record = _eval_ort(target, dataset, split, limit, batch_size, _root(root))
+    else:
+        from .train import evaluate, load_model, resolve_device
+
+        dev = resolve_device(device)
+        model, cfg = load_model(target, dev)
+        result = evaluate(
+            model, data.load(cfg.resolved().dataset, _root(root), split, dev, limit=limit)
+        )
+        record = {
+            "target": str(target),
+            "engine": "torch",
+            "model": cfg.model,
+            "method": cfg.method,
+            "k": cfg.k,
+            "split": split,
+            "accuracy": result.accuracy,
+            "loss": result.loss,
+            "count": result.count,
+            "seconds": result.seconds,
+        }
     if as_json:
         click.echo(json.dumps(record, sort_keys=True))
+    elif record["engine"] == "torch":
+        click.echo(
+            f"{record['model']} ({record['method']}, K={record['k']}) {split} accuracy "
+            f"{record['accuracy']:.4f} on {record['count']} images, loss {record['loss']:.4f}"
+        )
     else:
         click.echo(
-            f"{cfg.model} ({cfg.method}, K={cfg.k}) {split} accuracy {result.accuracy:.4f} "
-            f"on {result.count} images, loss {result.loss:.4f}"
+            f"{target.name} (onnxruntime) {split} accuracy {record['accuracy']:.4f} on "
+            f"{record['count']} images; {record['images_per_second']:,.0f} images/s; batch "
+            f"{record['batch_size']} latency p50 {record['latency_ms_p50']:.2f} ms, p90 "
+            f"{record['latency_ms_p90']:.2f} ms, p99 {record['latency_ms_p99']:.2f} ms"
         )
+
+
+def _eval_ort(
+    target: Path, dataset: str | None, split: str, limit: int | None, batch_size: int, root: Path
+) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from . import data
+    from .errors import ConfigError
+    from .runtime import evaluate, session
+
+    sess = session(target)
+    if dataset is None:
+        recorded = json.loads(sess.get_modelmeta().custom_metadata_map.get("metadata") or "{}")
+        dataset = recorded.get("dataset")
+        if dataset is None:
+            raise ConfigError(f"{target} does not record its data set; pass --dataset")
+    test = data.load(dataset, root, split, "cpu", limit=limit)
+    x, y = test.x.numpy(), test.y.numpy()
+    with tqdm(
+        total=len(y),
+        desc=f"onnxruntime {split}",
+        unit="img",
+        file=sys.stderr,
+        disable=len(y) < 2000,
+    ) as bar:
+        result = evaluate(sess, x, y, batch_size=batch_size, progress=bar.update)
+    return {
+        "target": str(target),
+        "engine": "onnxruntime",
+        "dataset": dataset,
+        "split": split,
+        **asdict(result),
+    }
+
+
+@main.command("export")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option(
+    "--self-decoding",
+    is_flag=True,
+    help="Ship seed + packed indices; the graph regenerates the weights when loaded.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def export_cmd(path: Path, output: Path, self_decoding: bool, force: bool) -> None:
+    """Export a .slot file to ONNX (dense float32 weights, or --self-decoding)."""
+    from .converters.onnx import export_file
+
+    size, slot_size = export_file(path, output, self_decoding=self_decoding, force=force)
+    kind = "self-decoding" if self_decoding else "dense float32"
+    click.echo(f"{output}: {size:,} bytes ({kind}), {size / slot_size:.3f}x the .slot file")
 
 
 @main.command("pack")

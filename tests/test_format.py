@@ -146,17 +146,22 @@ def tiny() -> bytes:
 # ----------------------------------------------------------------------------- golden bytes
 
 
-def test_golden_bytes(tiny):
-    """The tiny model packs to exactly the committed bytes.
+def golden_bytes(data: bytes) -> bytes:
+    """The committed golden file; with SLOTPACK_REGEN_GOLDEN=1 it is first rewritten from ``data``.
 
-    After a deliberate format change, regenerate the file with
+    After a deliberate format change, regenerate it with
     ``SLOTPACK_REGEN_GOLDEN=1 python3 -m pytest tests/test_format.py -k golden`` and review the diff.
     """
     if os.environ.get("SLOTPACK_REGEN_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_bytes(tiny)
+        GOLDEN.write_bytes(data)
+    return GOLDEN.read_bytes()
+
+
+def test_golden_bytes(tiny):
+    """The tiny model packs to exactly the committed bytes (see golden_bytes to regenerate)."""
     assert 200 < len(tiny) < 2000
-    assert tiny == GOLDEN.read_bytes()
+    assert tiny == golden_bytes(tiny)
 
 
 def test_header_fields_follow_the_spec_table(tiny):
