@@ -194,6 +194,36 @@ def _layer_nodes(
     raise ConfigError(f"cannot export layer op {layer.op!r} to ONNX")
 
 
+def _model(
+    g: _Graph, x: str, input_shape: tuple[int, ...], num_classes: int, props: dict[str, str]
+) -> onnx.ModelProto:
+    g.nodes.append(helper.make_node("Identity", [x], [OUTPUT]))
+    graph = helper.make_graph(
+        g.nodes,
+        "slotpack",
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", *input_shape])],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["N", num_classes])],
+        g.inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="slotpack",
+        producer_version=__version__,
+    )
+    model.ir_version = IR_VERSION
+    helper.set_model_props(model, {"slotpack_version": __version__, **props})
+    return model
+
+
+def _props(mean, std, metadata: dict) -> dict[str, str]:
+    return {
+        "input_mean": json.dumps(list(mean)),
+        "input_std": json.dumps(list(std)),
+        "metadata": json.dumps(metadata, sort_keys=True, separators=(",", ":")),
+    }
+
+
 def export(
     slot: F.SlotFile, *, self_decoding: bool = False, source: bytes | None = None
 ) -> onnx.ModelProto:
@@ -216,39 +246,40 @@ def export(
                 w = g.const(weight(slot, pos), np.float32, f"l{pos}w")
             number += 1
         x = _layer_nodes(g, x, layer, tensor, w)
-    g.nodes.append(helper.make_node("Identity", [x], [OUTPUT]))
-    c, h, wd = slot.input_shape
-    graph = helper.make_graph(
-        g.nodes,
-        "slotpack",
-        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", c, h, wd])],
-        [
-            helper.make_tensor_value_info(
-                OUTPUT, TensorProto.FLOAT, ["N", slot.manifest["num_classes"]]
-            )
-        ],
-        g.inits,
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="slotpack",
-        producer_version=__version__,
-    )
-    model.ir_version = IR_VERSION
-    meta = {
-        "slotpack_version": __version__,
-        "generator": slot.manifest["generator"]["id"],
-        "seed": slot.manifest["generator"]["seed"],
+    m = slot.manifest
+    props = {
+        "generator": m["generator"]["id"],
+        "seed": m["generator"]["seed"],
         "k": str(slot.k),
         "self_decoding": str(self_decoding).lower(),
-        "input_mean": json.dumps(slot.manifest["input"]["mean"]),
-        "input_std": json.dumps(slot.manifest["input"]["std"]),
         "source_sha256": hashlib.sha256(source).hexdigest() if source is not None else "",
-        "metadata": json.dumps(slot.manifest["metadata"], sort_keys=True, separators=(",", ":")),
+        **_props(m["input"]["mean"], m["input"]["std"], m["metadata"]),
     }
-    helper.set_model_props(model, meta)
-    return model
+    return _model(g, x, slot.input_shape, m["num_classes"], props)
+
+
+def export_arrays(
+    layers: tuple[A.Layer, ...],
+    arrays: dict[str, np.ndarray],
+    *,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    mean,
+    std,
+    metadata: dict | None = None,
+) -> onnx.ModelProto:
+    """A dense graph from a layer list and state-dict-style arrays (``"1.weight"``, ``"4.running_var"``):
+    how a float32 (learned) model, which has no ``.slot`` file, is exported."""
+    g = _Graph()
+    x = INPUT
+    for pos, layer in enumerate(layers):
+
+        def tensor(role: str, pos=pos) -> str:
+            return g.const(arrays[f"{pos}.{role}"], np.float32, f"l{pos}{role[:1]}")
+
+        w = tensor("weight") if isinstance(layer, A.WEIGHTED) else None
+        x = _layer_nodes(g, x, layer, tensor, w)
+    return _model(g, x, input_shape, num_classes, _props(mean, std, metadata or {}))
 
 
 def export_file(

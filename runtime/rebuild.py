@@ -39,7 +39,14 @@ def arrays(slot: F.SlotFile) -> dict[str, np.ndarray]:
     return out
 
 
-def rebuild(source: Path | str | F.SlotFile, *, verify: bool = True) -> dict[str, np.ndarray]:
-    """Read a ``.slot`` file (path or decoded) and return its dense float32 arrays by name."""
-    slot = source if isinstance(source, F.SlotFile) else F.read(source, verify=verify)
+def rebuild(
+    source: Path | str | bytes | F.SlotFile, *, verify: bool = True
+) -> dict[str, np.ndarray]:
+    """Dense float32 arrays by name from a ``.slot`` file: a path, its bytes, or already decoded."""
+    if isinstance(source, F.SlotFile):
+        slot = source
+    elif isinstance(source, bytes):
+        slot = F.decode(source, verify=verify)
+    else:
+        slot = F.read(source, verify=verify)
     return arrays(slot)

@@ -19,6 +19,8 @@ def test_python_example_runs():
     assert scope["logits"].shape == (5, 10)
     assert scope["model"][1].weight().shape == (300, 784)
     assert isinstance(scope["dense"][1], torch.nn.Linear)
+    assert scope["info"].size == len(scope["blob"]) <= 101_500
+    assert torch.equal(torch.from_numpy(scope["weights"]["1.weight"]), scope["model"][1].weight())
 
 
 def test_ci_runs_the_readme_test_command():
