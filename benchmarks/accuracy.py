@@ -5,6 +5,9 @@
 
 Each record holds the full config, every epoch's metrics (training curve), the best-on-validation
 epoch and its test accuracy measured in torch, and seconds per epoch on the machine that ran it.
+Then the model is deployed and measured again in onnxruntime on the same test images: a slot
+model is packed into a .slot file and exported to ONNX; a learned (float32) model is exported
+dense and also quantized to int8 with onnxruntime's dynamic quantization. File sizes are recorded.
 """
 
 from __future__ import annotations
@@ -14,6 +17,52 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import write_record
+
+
+def deploy(run: Path, root: Path) -> dict:
+    """Pack/export the run's best checkpoint, evaluate each artefact in onnxruntime on the test set."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from slotpack import data
+    from slotpack.atomic import write_bytes
+    from slotpack.converters.onnx import export_arrays, export_file
+    from slotpack.pack import pack_checkpoint
+    from slotpack.runtime import evaluate, session
+    from slotpack.train import load_model
+
+    model, cfg = load_model(run)
+    cfg = cfg.resolved()
+    test = data.load(cfg.dataset, root, "test")
+    x, y = test.x.numpy(), test.y.numpy()
+    files: dict[str, Path] = {}
+    if cfg.method == "slot":
+        files["slot"] = write_bytes(run / "model.slot", pack_checkpoint(run)[0])
+        files["onnx"] = run / "model.onnx"
+        export_file(files["slot"], files["onnx"], force=True)
+    else:
+        spec = data.spec(cfg.dataset)
+        arrays = {name: t.numpy() for name, t in model.state_dict().items()}
+        onnx_model = export_arrays(
+            model.arch.layers,
+            arrays,
+            input_shape=model.arch.input_shape,
+            num_classes=model.arch.num_classes,
+            mean=spec.mean,
+            std=spec.std,
+            metadata={"dataset": cfg.dataset},
+        )
+        files["onnx"] = write_bytes(run / "model.onnx", onnx_model.SerializeToString())
+        files["int8_onnx"] = run / "model.int8.onnx"
+        quantize_dynamic(files["onnx"], files["int8_onnx"], weight_type=QuantType.QInt8)
+    out = {}
+    for kind, path in files.items():
+        result = evaluate(session(path), x, y)
+        out[kind] = {
+            "bytes": path.stat().st_size,
+            "ort_test_acc": result.accuracy,
+            "ort_images_per_second": result.images_per_second,
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
                 "config": cfg.resolved().to_dict(),
                 "result": result,
                 "curve": list(iter_metrics(out)),
+                "deployed": deploy(out, root),
             }
             path = write_record(name, payload)
+            ort = payload["deployed"]["onnx"]["ort_test_acc"]
             print(
-                f"{name}: test {result['test_acc']:.4f} (val {result['val_acc']:.4f}, "
+                f"{name}: test {result['test_acc']:.4f} (onnxruntime {ort:.4f}; val {result['val_acc']:.4f}, "
                 f"{result['mean_epoch_seconds']:.1f} s/epoch) -> {path}",
                 flush=True,
             )

@@ -46,11 +46,11 @@ def _peak_mib(fn) -> float:
 
 def measure(name: str, k: int, repeat: int, folder: Path) -> list[dict]:
     import torch
-    from slotpack.runtime import rebuild
 
     from slotpack import bits, data, models, prng
     from slotpack import format as F
     from slotpack.pack import encode_selection, pack_model
+    from slotpack.runtime import rebuild
 
     model = models.create(name, k, seed=1)
     with torch.no_grad():

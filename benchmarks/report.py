@@ -67,7 +67,9 @@ def step_section(records: list[dict[str, Any]]) -> list[str]:
         "",
         "The reference approach is benchmarks/reference_slot.py, a faithful re-implementation of "
         "`sum(weight * one_hot(argmax(scores)), -1)`; `learned` is the dense float32 twin. Median "
-        "of the timed steps (forward, backward, SGD with momentum; batch of random images). Peak "
+        "of the timed steps (forward, backward, SGD with momentum; batch of random images); rows "
+        "with an `alone` time took turns step by step with the other implementations in one "
+        "process (this CPU's speed drifts between runs), the others ran alone. Peak "
         "memory: CUDA max_memory_allocated, or on CPU the growth of the peak resident set.",
         "",
         "| device | model | K | impl | ms / step | vs reference | peak MiB | vs reference |",

@@ -2,9 +2,11 @@
 
     python -m benchmarks.step_time --models lenet300100 conv6 --k 8 --device cpu
 
-Each (model, implementation) runs in its own process so that peak memory is its own: on CPU the
-peak resident set size minus the size just before the model was built, on CUDA
-torch.cuda.max_memory_allocated. A step is forward + backward + SGD(momentum) on a batch of
+Each (model, implementation) runs once in its own process so that peak memory is its own: on CPU
+the peak resident set size minus the size just before the model was built, on CUDA
+torch.cuda.max_memory_allocated. Step times then come from one process in which the
+implementations take turns step by step (``median_ms``), because this 2-core machine's speed
+drifts by up to 4x between runs; the standalone medians are kept as ``alone_median_ms``. A step is forward + backward + SGD(momentum) on a batch of
 random images (never zeros). Implementations: ``slotpack`` (gather + straight-through),
 ``reference`` (benchmarks/reference_slot.py: sum(weight * one_hot, -1)), ``learned`` (the dense
 float32 twin, for scale).
@@ -31,25 +33,13 @@ def _rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure_one(
-    model_name: str, impl: str, k: int, device: str, batch: int, steps: int, warmup: int, amp: bool
-) -> dict:
+def _build(model_name: str, impl: str, k: int, dev, x):
+    """(model, optimizer, max |reference - slotpack| logits or None) for one implementation."""
     import torch
-    import torch.nn.functional as F
 
     from benchmarks.reference_slot import to_reference
-    from slotpack import arch, models
+    from slotpack import models
 
-    torch.manual_seed(0)
-    dev = torch.device(device)
-    x = torch.randn(batch, *arch.get(model_name).input_shape, device=dev)
-    y = torch.randint(0, 10, (batch,), device=dev)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    else:
-        base = _rss_mb()
     method = "learned" if impl == "learned" else "slot"
     model = models.create(model_name, k, method=method, seed=0, device=dev)
     check = None
@@ -62,29 +52,59 @@ def measure_one(
         del ours
         model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    return model, opt, check
+
+
+def _timed_step(model, opt, x, y, amp: bool) -> float:
+    """Milliseconds of one forward + backward + SGD step (device events on CUDA)."""
+    import torch
+    import torch.nn.functional as F
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and x.is_cuda):
             loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    times = []
-    for i in range(warmup + steps):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            step()
-            ms = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            times.append(ms)
+    if x.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    step()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _inputs(model_name: str, batch: int, dev):
+    import torch
+
+    from slotpack import arch
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, *arch.get(model_name).input_shape, device=dev)
+    return x, torch.randint(0, 10, (batch,), device=dev)
+
+
+def measure_one(
+    model_name: str, impl: str, k: int, device: str, batch: int, steps: int, warmup: int, amp: bool
+) -> dict:
+    """Peak memory (and standalone step time) of one implementation in a fresh process."""
+    import torch
+
+    dev = torch.device(device)
+    x, y = _inputs(model_name, batch, dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _rss_mb()
+    model, opt, check = _build(model_name, impl, k, dev, x)
+    times = [_timed_step(model, opt, x, y, amp) for _ in range(warmup + steps)][warmup:]
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -97,12 +117,39 @@ def measure_one(
         "batch": batch,
         "steps": steps,
         "amp": amp and dev.type == "cuda",
-        "median_ms": statistics.median(times),
-        "min_ms": min(times),
-        "max_ms": max(times),
+        "alone_median_ms": statistics.median(times),
         "peak_mib": peak - base,
         "reference_max_abs_diff": check,
     }
+
+
+def interleaved(
+    model_name: str,
+    impls: list[str],
+    k: int,
+    device: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    amp: bool,
+) -> dict[str, list[float]]:
+    """Step times with the implementations taking turns step by step, in one process.
+
+    This machine's CPU speed drifts by up to 4x between runs of the same process; taking turns
+    puts every implementation under the same conditions, so their ratio is what is measured.
+    """
+    import torch
+
+    dev = torch.device(device)
+    x, y = _inputs(model_name, batch, dev)
+    built = {impl: _build(model_name, impl, k, dev, x)[:2] for impl in impls}
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for i in range(warmup + steps):
+        for impl, (model, opt) in built.items():
+            ms = _timed_step(model, opt, x, y, amp)
+            if i >= warmup:
+                times[impl].append(ms)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,13 +212,24 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{model} K={k} {impl}: failed ({tail})", file=sys.stderr)
                     rows.append({"model": model, "impl": impl, "k": k, "error": tail})
                     continue
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                rows.append(row)
-                print(
-                    f"{model:12s} K={k:<3d} {impl:10s} {row['median_ms']:9.2f} ms/step  "
-                    f"peak +{row['peak_mib']:8.1f} MiB",
-                    flush=True,
-                )
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            ok = [
+                r["impl"]
+                for r in rows
+                if r.get("model") == model and r["k"] == k and "error" not in r
+            ]
+            times = interleaved(
+                model, ok, k, args.device, args.batch, args.steps, args.warmup, args.amp
+            )
+            for row in rows:
+                if row.get("model") == model and row["k"] == k and row["impl"] in times:
+                    t = times[row["impl"]]
+                    row.update(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t))
+                    print(
+                        f"{model:12s} K={k:<3d} {row['impl']:10s} {row['median_ms']:9.2f} ms/step "
+                        f"(alone {row['alone_median_ms']:.2f})  peak +{row['peak_mib']:8.1f} MiB",
+                        flush=True,
+                    )
     from benchmarks.common import write_record
 
     path = write_record(

@@ -101,10 +101,9 @@ def _baselines(arrays: dict[str, np.ndarray], compress: bool) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from slotpack.runtime import rebuild
-
     from slotpack import arch as A
     from slotpack import format as F
+    from slotpack.runtime import rebuild
 
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

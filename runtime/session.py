@@ -41,9 +41,8 @@ def _model_bytes(source: Path | str | bytes, self_decoding: bool) -> bytes:
         return source
     path = Path(source)
     if path.suffix == ".slot":
-        from slotpack.converters.onnx import export
-
         from slotpack import format as F
+        from slotpack.converters.onnx import export
 
         data = F.read(path).payload.obj  # the whole file's bytes, already in memory
         return export(
@@ -95,14 +94,14 @@ def check_input(sess, x: np.ndarray) -> None:
     """InputError unless ``x`` is float32 with the model's [N, C, H, W] shape."""
     spec = sess.get_inputs()[0]
     want = spec.shape[1:]
+    shape = f"[N, {', '.join(map(str, want))}]"
     if not isinstance(x, np.ndarray) or x.dtype != np.float32:
         raise InputError(
-            f"input must be a float32 array, got {getattr(x, 'dtype', type(x).__name__)}"
+            f"input must be a float32 array of shape {shape}, "
+            f"got {getattr(x, 'dtype', type(x).__name__)}"
         )
     if x.ndim != len(spec.shape) or list(x.shape[1:]) != list(want):
-        raise InputError(
-            f"input must have shape [N, {', '.join(map(str, want))}], got {list(x.shape)}"
-        )
+        raise InputError(f"input must have shape {shape}, got {list(x.shape)}")
 
 
 def predict(sess, x: np.ndarray) -> np.ndarray:

@@ -152,8 +152,8 @@ def lenet_run(mnist_root, tmp_path_factory):
 def test_pack_inspect_unpack(run, lenet_run, tmp_path):
     import numpy as np
     from safetensors.numpy import load_file
-    from slotpack.runtime import rebuild
 
+    from slotpack.runtime import rebuild
     from slotpack.train import load_model
 
     slot = tmp_path / "lenet-k8.slot"

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from slotpack.runtime import rebuild
 
 from slotpack import arch as A
 from slotpack import format as F
 from slotpack import models
 from slotpack.errors import ConfigError
 from slotpack.pack import encode_selection, pack_model
+from slotpack.runtime import rebuild
 
 ZOO_KS = [
     ("lenet300100", 2),

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
-from slotpack.runtime import rebuild, save_arrays
 
 from slotpack import format as F
 from slotpack import models
 from slotpack.errors import ConfigError, OutputExistsError
 from slotpack.pack import pack_model
+from slotpack.runtime import rebuild, save_arrays
 
 NO_TORCH = "import sys; sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
 
