@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks import onnx_bench
 from benchmarks.common import RESULTS, load_records
 
 OUT = Path(__file__).resolve().parent / "RESULTS.md"
@@ -204,6 +205,7 @@ def render(folder: Path = RESULTS) -> str:
     lines += accuracy_section(by_kind.get("accuracy", []))
     lines += storage_section(by_kind.get("storage", []))
     lines += pack_speed_section(by_kind.get("pack_speed", []))
+    lines += onnx_bench.section(by_kind.get("onnx", []))
     lines += step_section(by_kind.get("step_time", []))
     lines += prng_section(by_kind.get("prng", []))
     return "\n".join(lines)
