@@ -13,6 +13,7 @@ dense and also quantized to int8 with onnxruntime's dynamic quantization. File s
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -65,6 +66,31 @@ def deploy(run: Path, root: Path) -> dict:
     return out
 
 
+def record(name: str, cfg, out: Path, root: Path, device: str) -> None:
+    """Train (unless the run folder is finished), deploy, and write one record."""
+    from slotpack.cli import _Bars
+    from slotpack.train import iter_metrics, train
+
+    if (out / "result.json").is_file():  # a finished run: measure it again, don't retrain
+        result = json.loads((out / "result.json").read_text())
+    else:
+        result = train(cfg, out, root=root, device=device, reporter=_Bars())
+    payload = {
+        "kind": "accuracy",
+        "config": cfg.resolved().to_dict(),
+        "result": result,
+        "curve": list(iter_metrics(out)),
+        "deployed": deploy(out, root),
+    }
+    path = write_record(name, payload)
+    ort = payload["deployed"]["onnx"]["ort_test_acc"]
+    print(
+        f"{name}: test {result['test_acc']:.4f} (onnxruntime {ort:.4f}; val {result['val_acc']:.4f}, "
+        f"{result['mean_epoch_seconds']:.1f} s/epoch) -> {path}",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,11 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, default=Path("runs/bench"))
     p.add_argument("--device", default="auto")
     p.add_argument("--tag", default="", help="suffix for the record name (e.g. the machine)")
+    p.add_argument(
+        "--finetune",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="also finetune each slot run as a dense model for EPOCHS (the paper's finetuning)",
+    )
     args = p.parse_args(argv)
 
     from slotpack import data
-    from slotpack.cli import _Bars
-    from slotpack.train import TrainConfig, iter_metrics, train
+    from slotpack.train import TrainConfig, finetune_config
 
     root = args.root or data.default_root()
     ks = args.k if args.method == "slot" else [args.k[0]]
@@ -106,21 +138,16 @@ def main(argv: list[str] | None = None) -> int:
             label = "learned" if args.method == "learned" else f"k{k}-{args.selection}"
             name = f"accuracy_{args.model}_{label}_e{args.epochs}_s{seed}{args.tag}"
             out = args.runs / name
-            result = train(cfg, out, root=root, device=args.device, reporter=_Bars())
-            payload = {
-                "kind": "accuracy",
-                "config": cfg.resolved().to_dict(),
-                "result": result,
-                "curve": list(iter_metrics(out)),
-                "deployed": deploy(out, root),
-            }
-            path = write_record(name, payload)
-            ort = payload["deployed"]["onnx"]["ort_test_acc"]
-            print(
-                f"{name}: test {result['test_acc']:.4f} (onnxruntime {ort:.4f}; val {result['val_acc']:.4f}, "
-                f"{result['mean_epoch_seconds']:.1f} s/epoch) -> {path}",
-                flush=True,
-            )
+            record(name, cfg, out, root, args.device)
+            if args.finetune and args.method == "slot":
+                ft = finetune_config(out, epochs=args.finetune)
+                record(
+                    f"{name}_finetuned{args.finetune}",
+                    ft,
+                    args.runs / f"{name}_finetuned{args.finetune}",
+                    root,
+                    args.device,
+                )
     return 0
 
 
