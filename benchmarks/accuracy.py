@@ -80,8 +80,9 @@ def record(name: str, cfg, out: Path, root: Path, device: str) -> None:
         "config": cfg.resolved().to_dict(),
         "result": result,
         "curve": list(iter_metrics(out)),
-        "deployed": deploy(out, root),
     }
+    write_record(name, payload)  # the training result is kept even if deploying fails
+    payload["deployed"] = deploy(out, root)
     path = write_record(name, payload)
     ort = payload["deployed"]["onnx"]["ort_test_acc"]
     print(

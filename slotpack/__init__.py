@@ -21,6 +21,20 @@ from .errors import (
 )
 from .format import SlotFormatError
 
+
+def _source_checkout_subpackages() -> None:
+    """In a source checkout used without installing (``PYTHONPATH=.``), make the top-level folders
+    runtime/ and converters/ importable as slotpack.runtime and slotpack.converters, as the
+    installed package-dir mapping does; installed copies (wheel or editable) never need this."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    if not (here / "runtime").exists() and (here.parent / "runtime" / "__init__.py").is_file():
+        __path__.append(str(here.parent))
+
+
+_source_checkout_subpackages()
+
 _LAZY = {
     "rebuild": "slotpack.runtime",
     "pack_checkpoint": "slotpack.pack",

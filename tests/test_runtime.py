@@ -102,3 +102,32 @@ def test_rebuild_accepts_a_decoded_file(conv6_file):
     path, expected = conv6_file
     slot = F.read(path)
     assert rebuild(slot).keys() == rebuild(path).keys() == expected.keys()
+
+
+def test_source_checkout_imports_without_installation(tmp_path):
+    """``PYTHONPATH=<checkout>`` (as on a lent GPU machine) finds slotpack.runtime/converters."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+        import sys
+        sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+        sys.path.insert(0, {str(root)!r})
+        import slotpack.runtime, slotpack.converters.onnx
+        print(slotpack.runtime.__file__, slotpack.converters.onnx.__file__)
+    """),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [
+        str(root / "runtime" / "__init__.py"),
+        str(root / "converters" / "onnx.py"),
+    ]
