@@ -20,8 +20,11 @@ def replacing(path: Path | str, *, force: bool = True) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # name the file the user asked for, not our temporary one
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     os.close(fd)
     try:
         yield Path(tmp)

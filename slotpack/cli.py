@@ -26,16 +26,28 @@ DEVICE = click.option(
 )
 
 
+class _OneLineError(click.ClickException):
+    """Printed as a single ``Error: ...`` line; exit code 2 like click's usage errors."""
+
+    exit_code = 2
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class _Group(click.Group):
-    """Turns our exceptions into one-line errors (exit 2) instead of tracebacks."""
+    """Turns our exceptions (and the OS's) into one-line errors with exit code 2, never tracebacks."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except SlotpackError as exc:
-            raise click.UsageError(
-                str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            ) from None
+            raise _OneLineError(_first_line(exc)) from None
+        except OSError as exc:  # disk full, permission denied, ...: the user's to fix
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise _OneLineError(f"{where}{exc.strerror or _first_line(exc)}") from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
