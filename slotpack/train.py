@@ -353,6 +353,11 @@ def train(
         if dev.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         start_epoch, best_val = state["epoch"] + 1, state["best_val"]
+        # Keep the metrics of the epochs last.pt holds; a crash may have left one more line.
+        kept = [r for r in iter_metrics(out) if r["epoch"] <= start_epoch]
+        _atomic_write_text(
+            "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), out / "metrics.jsonl"
+        )
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(
         json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n", out / "config.json"
@@ -396,9 +401,9 @@ def train(
         }
         if dev.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
-        _atomic_save(state, last_path)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        _atomic_save(state, last_path)
         reporter.epoch_end(record)
 
     counts = {"train_count": len(train_data), "val_count": len(val_data)}

@@ -54,6 +54,10 @@ def test_resume_continues_exactly(mnist_root, tmp_path):
     two = TrainConfig(**{**SMALL, "epochs": 2})
     train(two, tmp_path / "straight", root=mnist_root, device="cpu")
     train(replace(two, epochs=1), tmp_path / "resumed", root=mnist_root, device="cpu")
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # a crash after the metrics line
+        f.write(
+            json.dumps({"epoch": 2, "val_acc": 0.0}) + "\n"
+        )  # of an epoch whose last.pt is lost
     train(two, tmp_path / "resumed", root=mnist_root, device="cpu", resume=True)
     a, b = _scores(tmp_path / "straight" / "last.pt"), _scores(tmp_path / "resumed" / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
