@@ -26,8 +26,9 @@ def deploy(run: Path, root: Path) -> dict:
 
     from slotpack import data
     from slotpack.atomic import write_bytes
-    from slotpack.converters.onnx import export_arrays, export_file
+    from slotpack.converters.onnx import export_file
     from slotpack.pack import pack_checkpoint
+    from slotpack.pipeline import dense_onnx
     from slotpack.runtime import evaluate, session
     from slotpack.train import load_model
 
@@ -41,18 +42,7 @@ def deploy(run: Path, root: Path) -> dict:
         files["onnx"] = run / "model.onnx"
         export_file(files["slot"], files["onnx"], force=True)
     else:
-        spec = data.spec(cfg.dataset)
-        arrays = {name: t.numpy() for name, t in model.state_dict().items()}
-        onnx_model = export_arrays(
-            model.arch.layers,
-            arrays,
-            input_shape=model.arch.input_shape,
-            num_classes=model.arch.num_classes,
-            mean=spec.mean,
-            std=spec.std,
-            metadata={"dataset": cfg.dataset},
-        )
-        files["onnx"] = write_bytes(run / "model.onnx", onnx_model.SerializeToString())
+        files["onnx"] = write_bytes(run / "model.onnx", dense_onnx(model))
         files["int8_onnx"] = run / "model.int8.onnx"
         quantize_dynamic(files["onnx"], files["int8_onnx"], weight_type=QuantType.QInt8)
     out = {}

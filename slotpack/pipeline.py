@@ -27,6 +27,25 @@ class DemoRow:
     ort_acc: float
 
 
+def dense_onnx(model) -> bytes:
+    """The ONNX bytes of a dense (learned or finetuned) zoo model: it has no .slot file."""
+    from .converters.onnx import export_arrays
+
+    spec = data.spec(model.arch.dataset)
+    arrays = {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
+    meta = {"model": model.arch.name, "dataset": model.arch.dataset, "method": model.method}
+    onnx_model = export_arrays(
+        model.arch.layers,
+        arrays,
+        input_shape=model.arch.input_shape,
+        num_classes=model.arch.num_classes,
+        mean=spec.mean,
+        std=spec.std,
+        metadata=meta,
+    )
+    return onnx_model.SerializeToString()
+
+
 def _ort_accuracy(path: Path, x, y) -> float:
     from .runtime import evaluate, session
 
@@ -46,7 +65,7 @@ def demo(
 ) -> list[DemoRow]:
     """Run the whole path for Lenet-300-100 on MNIST; one row per artefact."""
     from .atomic import write_bytes
-    from .converters.onnx import export_arrays, export_file
+    from .converters.onnx import export_file
     from .pack import pack_checkpoint
     from .train import load_model
 
@@ -75,18 +94,7 @@ def demo(
     export_file(slot_path, dense_path)
     export_file(slot_path, tiny_path, self_decoding=True)
     learned, _ = load_model(runs["learned"])
-    arrays = {name: t.numpy() for name, t in learned.state_dict().items()}
-    spec = data.spec("mnist")
-    model = export_arrays(
-        learned.arch.layers,
-        arrays,
-        input_shape=learned.arch.input_shape,
-        num_classes=learned.arch.num_classes,
-        mean=spec.mean,
-        std=spec.std,
-        metadata={"model": "lenet300100", "dataset": "mnist", "method": "learned"},
-    )
-    write_bytes(fp32_path, model.SerializeToString())
+    write_bytes(fp32_path, dense_onnx(learned))
 
     test = data.load("mnist", root, "test")
     x, y = test.x.numpy(), test.y.numpy()

@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from slotpack.cli import main
+from tests.helpers import one_line_error as _one_line_error
 
 
 @pytest.fixture()
@@ -14,16 +15,6 @@ def run(monkeypatch):
         return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
-
-
-def _one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    error = [line for line in lines if line.startswith("Error:")]
-    assert len(error) == 1, result.output
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in error[0], error[0]
 
 
 def test_train_eval_finetune(run, mnist_root, tmp_path):

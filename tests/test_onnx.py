@@ -32,6 +32,8 @@ from slotpack.pack import encode_selection, pack_checkpoint, pack_model
 from slotpack.runtime import evaluate, predict, rebuild, session
 from slotpack.runtime.session import InputError, ModelFileError, input_normalisation, normalize
 from slotpack.train import TrainConfig, load_model, train
+from tests.helpers import one_line_error as _one_line_error
+from tests.helpers import trained_like as _trained_like
 
 NO_TORCH = "import sys; sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
 
@@ -60,21 +62,6 @@ CUSTOM_MEAN, CUSTOM_STD = (0.1, 0.2, 0.3, 0.4), (0.5, 0.6, 0.7, 0.8)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _trained_like(model: models.Net, seed: int = 0) -> models.Net:
-    """Random scores, biases and BatchNorm statistics: selections are not the initial ones."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if hasattr(m, "scores"):
-                m.scores.copy_(torch.rand(m.scores.shape, generator=g))
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(0.01 * torch.rand(m.num_features, generator=g) + 0.005)
-            if getattr(m, "bias", None) is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-    return model.eval()
 
 
 def _random_file(arch: A.Arch, k: int, seed: int = 7, metadata: dict | None = None) -> bytes:
@@ -166,16 +153,6 @@ def _decoded_weights(model: onnx.ModelProto, level) -> list[np.ndarray]:
 
 def _synthetic(shape: tuple[int, ...], n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
-
-
-def _one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    error = [line for line in lines if line.startswith("Error:")]
-    assert len(error) == 1, result.output
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in error[0], error[0]
 
 
 # ----------------------------------------------------------------------------- fixtures

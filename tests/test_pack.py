@@ -10,6 +10,7 @@ from slotpack import models
 from slotpack.errors import ConfigError
 from slotpack.pack import encode_selection, pack_model
 from slotpack.runtime import rebuild
+from tests.helpers import trained_like as _trained_like
 
 ZOO_KS = [
     ("lenet300100", 2),
@@ -23,21 +24,6 @@ ZOO_KS = [
     ("vgg19", 2),
     ("vgg19", 8),
 ]
-
-
-def _trained_like(model: models.Net, seed: int = 0) -> models.Net:
-    """Random scores and BatchNorm statistics, so selections and tensors are not the initial ones."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if hasattr(m, "scores"):
-                m.scores.copy_(torch.rand(m.scores.shape, generator=g))
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            if getattr(m, "bias", None) is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-    return model.eval()
 
 
 def _check_bit_identical(model: models.Net, blob: bytes) -> dict[str, np.ndarray]:
