@@ -13,7 +13,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 from urllib.error import URLError
@@ -122,9 +121,7 @@ def test_fetch_is_idempotent_and_offline(mnist_root: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(subprocess, "run", no_network)
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_network)
-    t0 = time.perf_counter()
     assert data.fetch("mnist", mnist_root) == mnist_root
-    assert time.perf_counter() - t0 < 2.0
     assert {f: (raw / f).stat().st_mtime_ns for f in MNIST_RAW} == before
 
 

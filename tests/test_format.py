@@ -10,7 +10,6 @@ import json
 import math
 import os
 import struct
-import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -399,10 +398,8 @@ def test_manifest_not_an_object(tiny):
 @pytest.mark.parametrize("n", [100_000, 1000, 31])
 def test_manifest_nested_too_deep(tiny, n):
     """Depth counts from the manifest object (1); metadata is 2, so n lists in it reach n + 2."""
-    t0 = time.perf_counter()
     with pytest.raises(F.ManifestError, match="manifest nests deeper than 32 levels"):
         F.decode(replace_metadata(tiny, b'{"x":' + b"[" * n + b"]" * n + b"}"))
-    assert time.perf_counter() - t0 < 1
 
 
 def test_manifest_nested_to_the_limit_is_fine(tiny):
@@ -649,17 +646,15 @@ def test_duplicate_section_name(tiny):
 
 
 def assert_quick_and_small(data: bytes) -> None:
-    """decode refuses ``data`` with a SlotFormatError in well under a second, allocating little."""
+    """decode refuses ``data`` with a SlotFormatError, allocating little (no memory bomb)."""
     tracemalloc.start()
-    t0 = time.perf_counter()
     try:
         with pytest.raises(F.SlotFormatError) as info:
             F.decode(data)
-        elapsed = time.perf_counter() - t0
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert elapsed < 0.5 and peak < 8 << 20, (elapsed, peak, info.value)
+    assert peak < 8 << 20, (peak, info.value)
 
 
 def test_memory_bomb_section_shape(tiny):
