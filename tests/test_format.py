@@ -645,7 +645,7 @@ def test_duplicate_section_name(tiny):
         F.decode(edited(tiny, lambda m: m["sections"][1].update(name="0.indices")))
 
 
-def assert_quick_and_small(data: bytes) -> None:
+def assert_refused_small(data: bytes) -> None:
     """decode refuses ``data`` with a SlotFormatError, allocating little (no memory bomb)."""
     tracemalloc.start()
     try:
@@ -661,7 +661,7 @@ def test_memory_bomb_section_shape(tiny):
     big = [2**31, 2**31]
     for length in (8, 4 * 2**62):
         data = edited(tiny, lambda m, n=length: section(m, "0.bias").update(shape=big, length=n))
-        assert_quick_and_small(data)
+        assert_refused_small(data)
 
 
 def test_memory_bomb_huge_layers(tiny):
@@ -679,7 +679,7 @@ def test_memory_bomb_huge_layers(tiny):
 
     for declared in (24, n * n):
         data = edited(tiny, lambda m, d=declared: bomb(m, d))
-        assert_quick_and_small(data)
+        assert_refused_small(data)
         with pytest.raises(F.ManifestError):
             F.decode(data)
 
