@@ -8,6 +8,7 @@ torch.cuda.max_memory_allocated. Step times then come from one process in which 
 implementations take turns step by step (``median_ms``), because this 2-core machine's speed
 drifts by up to 4x between runs; the standalone medians are kept as ``alone_median_ms``. A step is forward + backward + SGD(momentum) on a batch of
 random images (never zeros). Implementations: ``slotpack`` (gather + straight-through),
+``lean`` (slotpack's lean mode: no stored bank, values regenerated in forward and backward),
 ``reference`` (benchmarks/reference_slot.py: sum(weight * one_hot, -1)), ``learned`` (the dense
 float32 twin, for scale).
 """
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 
-IMPLS = ("slotpack", "reference", "learned")
+IMPLS = ("slotpack", "lean", "reference", "learned")
 
 
 def _rss_mb() -> float:
@@ -41,7 +42,7 @@ def _build(model_name: str, impl: str, k: int, dev, x):
     from slotpack import models
 
     method = "learned" if impl == "learned" else "slot"
-    model = models.create(model_name, k, method=method, seed=0, device=dev)
+    model = models.create(model_name, k, method=method, seed=0, device=dev, lean=impl == "lean")
     check = None
     if impl == "reference":
         ours = model

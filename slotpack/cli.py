@@ -132,6 +132,11 @@ def data_cmd(name: str, root: Path | None) -> None:
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
+@click.option(
+    "--lean",
+    is_flag=True,
+    help="Keep no value bank in memory: regenerate values (same results, less memory).",
+)
 @DATA_ROOT
 @DEVICE
 def train_cmd(

@@ -1,7 +1,9 @@
 """Slot layers: every connection holds K fixed random values; training learns which one to use.
 
 The value bank is regenerated from (seed, layer) on the layer's device and never saved; only the
-scores [connections, K] (and an optional bias) are parameters. The forward pass gathers the selected
+scores [connections, K] (and an optional bias) are parameters. In lean mode the bank is not even
+kept in memory: the forward pass generates only each connection's selected value, and the backward
+pass regenerates the K values it needs for the score gradient (bit-identical results). The forward pass gathers the selected
 value per connection (no K-times one-hot product); the backward pass is the straight-through rule
 d loss / d score[i, k] = d loss / d w[i] * value[i, k].
 """
@@ -34,6 +36,28 @@ class _SelectValues(torch.autograd.Function):
         return grad_w.unsqueeze(1) * bank, None, None
 
 
+class _SelectLean(torch.autograd.Function):
+    """The same function as _SelectValues with no stored bank: values come from the generator."""
+
+    @staticmethod
+    def forward(
+        ctx, scores: torch.Tensor, index: torch.Tensor, key: int, bound: float
+    ) -> torch.Tensor:
+        n, k = scores.shape
+        ctx.key, ctx.bound, ctx.shape = key, bound, (n, k)
+        counters = torch.arange(n, dtype=torch.int64, device=scores.device) * k + index
+        return prng.values_torch(key, counters, bound)
+
+    @staticmethod
+    def backward(ctx, grad_w: torch.Tensor):
+        n, k = ctx.shape
+        counters = torch.arange(n * k, dtype=torch.int64, device=grad_w.device)
+        # The regenerated bank becomes the gradient buffer in place: one [n, K] allocation.
+        grad = prng.values_torch(ctx.key, counters, ctx.bound).view(n, k)
+        grad.mul_(grad_w.unsqueeze(1))
+        return grad, None, None, None
+
+
 def select_index(scores: torch.Tensor, selection: str, sample: bool) -> torch.Tensor:
     """Index of the chosen value per connection.
 
@@ -63,6 +87,7 @@ class _SlotMixin(nn.Module):
         selection: str,
         bias: bool,
         device: torch.device | str | None,
+        lean: bool = False,
     ) -> None:
         if k < 2:
             raise ConfigError(f"K must be >= 2, got {k}")
@@ -75,9 +100,9 @@ class _SlotMixin(nn.Module):
         self.bound = prng.glorot_bound(*fans)
         n = math.prod(weight_shape)
         self.scores = nn.Parameter(prng.initial_scores_torch(seed, layer, n, k, self.bound, device))
-        self.register_buffer(
-            "bank", prng.bank_torch(seed, layer, n, k, self.bound, device), persistent=False
-        )
+        self.lean = lean
+        bank = None if lean else prng.bank_torch(seed, layer, n, k, self.bound, device)
+        self.register_buffer("bank", bank, persistent=False)
         out = weight_shape[0]
         self.bias = nn.Parameter(torch.zeros(out, device=device)) if bias else None
 
@@ -88,10 +113,17 @@ class _SlotMixin(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense weight this forward pass uses, differentiable w.r.t. the scores."""
         index = self.selected_index()
-        return _SelectValues.apply(self.scores, self.bank, index).view(self.weight_shape)
+        if self.lean:
+            w = _SelectLean.apply(
+                self.scores, index, prng.layer_key(self.seed, self.layer), self.bound
+            )
+        else:
+            w = _SelectValues.apply(self.scores, self.bank, index)
+        return w.view(self.weight_shape)
 
     def extra_repr(self) -> str:
-        return f"K={self.k}, seed={self.seed}, layer={self.layer}, selection={self.selection}"
+        lean = ", lean" if self.lean else ""
+        return f"K={self.k}, seed={self.seed}, layer={self.layer}, selection={self.selection}{lean}"
 
 
 class SlotLinear(_SlotMixin):
@@ -108,13 +140,13 @@ class SlotLinear(_SlotMixin):
         selection: str = "greedy",
         bias: bool = False,
         device: torch.device | str | None = None,
+        lean: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         shape = (out_features, in_features)
-        self._init_slots(
-            shape, (in_features, out_features), k, seed, layer, selection, bias, device
-        )
+        fans = (in_features, out_features)
+        self._init_slots(shape, fans, k, seed, layer, selection, bias, device, lean)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight(), self.bias)
@@ -139,6 +171,7 @@ class SlotConv2d(_SlotMixin):
         selection: str = "greedy",
         bias: bool = False,
         device: torch.device | str | None = None,
+        lean: bool = False,
     ) -> None:
         super().__init__()
         if in_channels % groups or out_channels % groups:
@@ -149,7 +182,7 @@ class SlotConv2d(_SlotMixin):
         rf = kernel_size * kernel_size
         shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
         fans = ((in_channels // groups) * rf, out_channels * rf)
-        self._init_slots(shape, fans, k, seed, layer, selection, bias, device)
+        self._init_slots(shape, fans, k, seed, layer, selection, bias, device, lean)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(

@@ -20,10 +20,19 @@ SlotLayer = SlotLinear | SlotConv2d
 
 
 def _weighted_module(
-    layer: A.Linear | A.Conv2d, index: int, method: str, k: int, selection: str, seed: int, device
+    layer: A.Linear | A.Conv2d,
+    index: int,
+    method: str,
+    k: int,
+    selection: str,
+    seed: int,
+    device,
+    lean: bool = False,
 ) -> nn.Module:
     if method == "slot":
-        common = dict(seed=seed, layer=index, selection=selection, bias=layer.bias, device=device)
+        common = dict(
+            seed=seed, layer=index, selection=selection, bias=layer.bias, device=device, lean=lean
+        )
         if isinstance(layer, A.Linear):
             return SlotLinear(layer.in_features, layer.out_features, k, **common)
         return SlotConv2d(
@@ -86,12 +95,23 @@ def _plain_module(layer: A.Layer) -> nn.Module:
 class Net(nn.Sequential):
     """A zoo network; ``arch``, ``method``, ``k``, ``selection`` and ``seed`` say how it was built."""
 
-    def __init__(self, arch: A.Arch, method: str, k: int, selection: str, seed: int, device=None):
+    def __init__(
+        self,
+        arch: A.Arch,
+        method: str,
+        k: int,
+        selection: str,
+        seed: int,
+        device=None,
+        lean: bool = False,
+    ):
         modules: list[nn.Module] = []
         index = 0
         for layer in arch.layers:
             if isinstance(layer, A.WEIGHTED):
-                modules.append(_weighted_module(layer, index, method, k, selection, seed, device))
+                modules.append(
+                    _weighted_module(layer, index, method, k, selection, seed, device, lean)
+                )
                 index += 1
             else:
                 modules.append(_plain_module(layer))
@@ -99,6 +119,7 @@ class Net(nn.Sequential):
         if device is not None:
             self.to(device)  # BatchNorm running statistics
         self.arch, self.method, self.k, self.selection, self.seed = arch, method, k, selection, seed
+        self.lean = lean
 
     def weighted_layers(self) -> list[nn.Module]:
         """The Linear/Conv2d (slot or dense) modules in generator layer order."""
@@ -113,8 +134,11 @@ def create(
     selection: str = "greedy",
     seed: int = 0,
     device: torch.device | str | None = None,
+    lean: bool = False,
 ) -> Net:
-    """Build zoo model ``name`` as a slot network (any K >= 2) or its dense ``learned`` twin."""
+    """Build zoo model ``name`` as a slot network (any K >= 2) or its dense ``learned`` twin.
+
+    ``lean`` keeps no value bank in memory (slot layers regenerate values from the generator)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     if selection not in SELECTIONS:
@@ -125,7 +149,7 @@ def create(
         raise ConfigError(f"K must be >= 2, got {k}")
     if not 0 <= seed < 2**64:
         raise ConfigError(f"seed must be in [0, 2**64), got {seed}")
-    return Net(A.get(name), method, k, selection, seed, device)
+    return Net(A.get(name), method, k, selection, seed, device, lean)
 
 
 def dense_from_slot(model: Net) -> Net:

@@ -52,6 +52,7 @@ class TrainConfig:
     limit: int | None = None
     eval_limit: int | None = None
     init_from: str | None = None
+    lean: bool = False  # slot layers keep no value bank in memory (same results, less memory)
 
     def __post_init__(self) -> None:
         arch = A.get(self.model)
@@ -235,12 +236,23 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     return ckpt
 
 
+def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> models.Net:
+    """The freshly initialised network a config describes."""
+    return models.create(
+        cfg.model,
+        cfg.k,
+        method=cfg.method,
+        selection=cfg.selection,
+        seed=cfg.seed,
+        device=device,
+        lean=cfg.lean,
+    )
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> models.Net:
     """Rebuild the network a checkpoint describes (the bank is regenerated from the seed)."""
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model = models.create(
-        cfg.model, cfg.k, method=cfg.method, selection=cfg.selection, seed=cfg.seed, device=device
-    )
+    model = build_model(cfg, device)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
@@ -260,14 +272,7 @@ def load_model(
 
 def _initial_model(cfg: TrainConfig, device: torch.device) -> models.Net:
     if cfg.init_from is None:
-        return models.create(
-            cfg.model,
-            cfg.k,
-            method=cfg.method,
-            selection=cfg.selection,
-            seed=cfg.seed,
-            device=device,
-        )
+        return build_model(cfg, device)
     source, _ = load_model(cfg.init_from, device)
     if source.method != "slot":
         raise ConfigError(

@@ -158,3 +158,27 @@ def test_scores_initialised_uniform_zero_to_bound():
     layer = SlotLinear(784, 300, 8, seed=0, layer=0)
     assert layer.scores.min() >= 0 and layer.scores.max() < layer.bound
     assert abs(layer.scores.mean().item() / layer.bound - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("selection", ["greedy", "probabilistic"])
+def test_lean_mode_is_bit_identical_without_a_bank(selection):
+    def build(lean):
+        return (
+            SlotConv2d(
+                6, 8, 3, 5, seed=4, layer=2, padding=1, groups=2, lean=lean, selection=selection
+            ),
+            SlotLinear(8 * 36, 10, 5, seed=4, layer=3, lean=lean, selection=selection),
+        )
+
+    x = torch.randn(3, 6, 6, 6)
+    grads, weights = {}, {}
+    for lean in (False, True):
+        conv, fc = build(lean)
+        assert (conv.bank is None) == lean and (fc.bank is None) == lean
+        torch.manual_seed(0)  # probabilistic selection draws the same samples in both modes
+        fc(torch.relu(conv(x)).flatten(1)).square().sum().backward()
+        torch.manual_seed(0)
+        weights[lean] = [conv.weight(), fc.weight()]
+        grads[lean] = [conv.scores.grad, fc.scores.grad]
+    for a, b in zip(weights[False] + grads[False], weights[True] + grads[True], strict=True):
+        assert torch.equal(a, b)

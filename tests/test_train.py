@@ -50,6 +50,16 @@ def test_same_seed_same_selection_on_cpu(mnist_root, tmp_path):
     assert not all(torch.equal(a[k].argmax(1), c[k].argmax(1)) for k in a)
 
 
+def test_lean_training_matches_stored_bank(mnist_root, tmp_path):
+    cfg = TrainConfig(**SMALL, seed=5)
+    train(cfg, tmp_path / "stored", root=mnist_root, device="cpu")
+    train(replace(cfg, lean=True), tmp_path / "lean", root=mnist_root, device="cpu")
+    a, b = _scores(tmp_path / "stored" / "last.pt"), _scores(tmp_path / "lean" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model, cfg_lean = load_model(tmp_path / "lean")
+    assert cfg_lean.lean and model[1].bank is None
+
+
 def test_resume_continues_exactly(mnist_root, tmp_path):
     two = TrainConfig(**{**SMALL, "epochs": 2})
     train(two, tmp_path / "straight", root=mnist_root, device="cpu")
