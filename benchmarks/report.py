@@ -13,6 +13,7 @@ from typing import Any
 
 from benchmarks import onnx_bench
 from benchmarks.common import RESULTS, load_records
+from slotpack import arch
 
 OUT = Path(__file__).resolve().parent / "RESULTS.md"
 PAPER = {
@@ -124,11 +125,22 @@ def accuracy_section(records: list[dict[str, Any]], hybrid: dict[str, dict]) -> 
         "| int8 (onnxruntime) | 10k hybrid | paper | file bytes | s / epoch | device |",
         "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    order = {name: i for i, name in enumerate(arch.ZOO)}
+    records = sorted(
+        records,
+        key=lambda r: (
+            order.get(r["config"]["model"], 99),
+            _method(r["config"]),
+            r["config"]["k"] if r["config"]["method"] == "slot" else 0,
+            r["name"],
+        ),
+    )
     for r in records:
         cfg, res, dep = r["config"], r["result"], r.get("deployed", {})
         slot = cfg["method"] == "slot"
         k = cfg["k"] if slot else ""
-        paper = PAPER.get((cfg["model"], cfg["k"])) if slot else None
+        greedy = slot and cfg["selection"] == "greedy"
+        paper = PAPER.get((cfg["model"], cfg["k"])) if greedy else None
         train_n = res.get("train_count")
         full = {"mnist": 51_000, "cifar10": 45_000}[cfg["dataset"]]
         data_note = cfg["dataset"] + (
