@@ -45,15 +45,57 @@ def deploy(run: Path, root: Path) -> dict:
         files["onnx"] = write_bytes(run / "model.onnx", dense_onnx(model))
         files["int8_onnx"] = run / "model.int8.onnx"
         quantize_dynamic(files["onnx"], files["int8_onnx"], weight_type=QuantType.QInt8)
+    hybrid = _hybrid(root) if cfg.dataset == "cifar10" else None
     out = {}
     for kind, path in files.items():
-        result = evaluate(session(path), x, y)
+        sess = session(path)
+        result = evaluate(sess, x, y)
         out[kind] = {
             "bytes": path.stat().st_size,
             "ort_test_acc": result.accuracy,
             "ort_images_per_second": result.images_per_second,
         }
+        if hybrid is not None:
+            out[kind]["hybrid10k_acc"] = evaluate(sess, *hybrid).accuracy
+    if cfg.method == "slot" and cfg.selection == "probabilistic":
+        out["sampled"] = sampled_accuracy(model, test)
     return out
+
+
+def _hybrid(root: Path):
+    """The labelled 10k hybrid CIFAR-10 test set (x, y) when the converted root has it."""
+    from benchmarks.hybrid_eval import load_hybrid
+    from slotpack.sources import CIFAR10_FOLDER
+
+    if not (root / CIFAR10_FOLDER / "test_hybrid_10k.npz").is_file():
+        return None
+    x, y, _ = load_hybrid(root)
+    return x, y
+
+
+def sampled_accuracy(model, test, draws: int = 5) -> dict:
+    """Test accuracy of a probabilistic model evaluated as it trains: a fresh draw of every
+    connection's value from softmax(scores) per batch (not deployable: a .slot file holds
+    the argmax). Shows how far the packed argmax network is from the network that was trained."""
+    import torch
+
+    from slotpack import data
+    from slotpack.layers import SlotConv2d, SlotLinear
+
+    model.eval()
+    for layer in model.modules():  # slot layers sample only in training mode; dropout stays off
+        if isinstance(layer, (SlotLinear, SlotConv2d)):
+            layer.train()
+    accs = []
+    with torch.no_grad():
+        for draw in range(draws):
+            torch.manual_seed(draw)
+            correct = 0
+            for xb, yb in data.batches(test, 1000, train=False):
+                correct += int((model(xb).argmax(1) == yb).sum())
+            accs.append(correct / len(test))
+    model.eval()
+    return {"draws": draws, "test_acc_mean": sum(accs) / draws, "test_acc": accs}
 
 
 def record(name: str, cfg, out: Path, root: Path, device: str) -> None:
@@ -95,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--schedule", default=None, choices=["constant", "cosine", "step"])
     p.add_argument("--limit", type=int, default=None, help="first N training examples only")
+    p.add_argument("--score-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--root", type=Path, default=None)
     p.add_argument("--runs", type=Path, default=Path("runs/bench"))
     p.add_argument("--device", default="auto")
@@ -125,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
                 lr=args.lr,
                 schedule=args.schedule,
                 limit=args.limit,
+                score_dtype=args.score_dtype,
             )
             label = "learned" if args.method == "learned" else f"k{k}-{args.selection}"
+            if args.score_dtype != "float32":
+                label += f"-{args.score_dtype}"
             name = f"accuracy_{args.model}_{label}_e{args.epochs}_s{seed}{args.tag}"
             out = args.runs / name
             record(name, cfg, out, root, args.device)

@@ -99,7 +99,10 @@ def step_section(records: list[dict[str, Any]]) -> list[str]:
 def _method(cfg: dict[str, Any]) -> str:
     if cfg.get("init_from"):
         return "slot, finetuned (dense)"
-    return cfg["method"] if cfg["method"] == "learned" else f"slot, {cfg['selection']}"
+    if cfg["method"] == "learned":
+        return "learned"
+    bf16 = ", bfloat16 scores" if cfg.get("score_dtype", "float32") != "float32" else ""
+    return f"slot, {cfg['selection']}{bf16}"
 
 
 def _pct(x: float | None) -> str:
@@ -153,7 +156,9 @@ def accuracy_section(records: list[dict[str, Any]], hybrid: dict[str, dict]) -> 
         size = f"{main_file['bytes']:,}" if main_file else ""
         ort = (dep.get("onnx") or {}).get("ort_test_acc")
         int8 = (dep.get("int8_onnx") or {}).get("ort_test_acc")
-        hyb = hybrid.get(r["name"], {}).get("hybrid10k_acc")
+        hyb = (dep.get("slot") or dep.get("onnx") or {}).get("hybrid10k_acc")
+        if hyb is None:
+            hyb = hybrid.get(r["name"], {}).get("hybrid10k_acc")
         out.append(
             f"| {cfg['model']} | {_method(cfg)} | {k} | {data_note} | {res['epochs']} | "
             f"{cfg['schedule']} lr {cfg['lr']:g} | {_pct(res['val_acc'])} | "
@@ -162,6 +167,24 @@ def accuracy_section(records: list[dict[str, Any]], hybrid: dict[str, dict]) -> 
             f"{size} | "
             f"{res['mean_epoch_seconds']:.1f} | {dev} |"
         )
+    sampled = [r for r in records if "sampled" in r.get("deployed", {})]
+    if sampled:
+        out += [
+            "",
+            "Probabilistic selection: the deployed network (each connection's most probable "
+            "value, what a `.slot` file holds) against the network as it was trained (a fresh "
+            "draw from softmax(scores) for every connection and batch; mean over draws, not "
+            "deployable):",
+            "",
+            "| model | K | epochs | argmax, deployed (torch) | sampled, as trained | draws |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in sampled:
+            smp = r["deployed"]["sampled"]
+            out.append(
+                f"| {r['config']['model']} | {r['config']['k']} | {r['result']['epochs']} | "
+                f"{_pct(r['result']['test_acc'])} | {_pct(smp['test_acc_mean'])} | {smp['draws']} |"
+            )
     seeds = _seed_summary(records)
     if seeds:
         out += [
@@ -256,6 +279,40 @@ def pack_speed_section(records: list[dict[str, Any]]) -> list[str]:
     return out + ["", *_provenance(records), ""]
 
 
+def ddp_section(records: list[dict[str, Any]]) -> list[str]:
+    if not records:
+        return []
+    out = [
+        "## Data-parallel training (torchrun, gloo on CPU)",
+        "",
+        "The same run trained by one plain process and by torchrun with 1 and N ranks on one "
+        "machine; the cores are split between the ranks. Images per second of training after "
+        "the first epoch. This shows that DDP training works and what gloo's all-reduce of the "
+        "score gradients costs; the ranks share one machine's cores, so it is not a scaling "
+        "measurement.",
+        "",
+        "| model | K | mode | threads / rank | images / s | vs one process | test acc | "
+        "replicas identical |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for r in records:
+        cfg = r["config"]
+        base = next((row for row in r["rows"] if not row["ddp"]), None)
+        for row in r["rows"]:
+            rel = f"{row['images_per_second'] / base['images_per_second']:.2f}x" if base else ""
+            out.append(
+                f"| {cfg['model']} | {cfg['k']} | {row['mode']} | {row['threads_per_rank']} | "
+                f"{row['images_per_second']:,.0f} | {rel} | {_pct(row['test_acc'])} | "
+                f"{'yes' if row['replicas_identical'] else 'NO'} |"
+            )
+        out.append("")
+        out.append(
+            f"Run: {cfg['limit']:,} training images, {cfg['epochs']} epochs, global batch "
+            f"{cfg['batch_size']}."
+        )
+    return out + ["", *_provenance(records), ""]
+
+
 def render(folder: Path = RESULTS) -> str:
     records = load_records(folder)
     by_kind: dict[str, list[dict[str, Any]]] = {}
@@ -275,6 +332,7 @@ def render(folder: Path = RESULTS) -> str:
     lines += pack_speed_section(by_kind.get("pack_speed", []))
     lines += onnx_bench.section(by_kind.get("onnx", []))
     lines += step_section(by_kind.get("step_time", []))
+    lines += ddp_section(by_kind.get("ddp", []))
     lines += prng_section(by_kind.get("prng", []))
     lines += plots_section(by_kind.get("accuracy", []))
     return "\n".join(lines)

@@ -2,14 +2,20 @@
 
     python -m benchmarks.step_time --models lenet300100 conv6 --k 8 --device cpu
 
-Each (model, implementation) runs once in its own process so that peak memory is its own: on CPU
-the peak resident set size minus the size just before the model was built, on CUDA
-torch.cuda.max_memory_allocated. Step times then come from one process in which the
+Each (model, implementation) runs once in its own process so that peak memory is its own: the
+peak over the timed steps (the peak counter is reset once the model is built, so generating the
+bank does not count) minus the memory in use before the model was built; on CPU resident set
+size (VmHWM after a reset through /proc/self/clear_refs), on CUDA torch.cuda.max_memory_allocated.
+Two steps of the dense twin run first, so that loading kernels is not counted, and the child
+runs with a fixed glibc mmap threshold, so freed tensors leave the resident set (its standalone
+times are slower for it; the ``median_ms`` times come from the parent, without it). Step times then come from one process in which the
 implementations take turns step by step (``median_ms``), because this 2-core machine's speed
 drifts by up to 4x between runs; the standalone medians are kept as ``alone_median_ms``. A step is forward + backward + SGD(momentum) on a batch of
 random images (never zeros). Implementations: ``slotpack`` (gather + straight-through),
 ``lean`` (slotpack's lean mode: no stored bank, values regenerated in forward and backward),
-``reference`` (benchmarks/reference_slot.py: sum(weight * one_hot, -1)), ``learned`` (the dense
+``lean+sib`` (lean, and the SGD step applied per layer inside the backward pass, so the full
+score gradient never exists), ``lean+sib+bf16`` (the same with bfloat16 scores and momentum,
+stochastically rounded), ``reference`` (benchmarks/reference_slot.py: sum(weight * one_hot, -1)), ``learned`` (the dense
 float32 twin, for scale).
 """
 
@@ -17,13 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
-IMPLS = ("slotpack", "lean", "reference", "learned")
+IMPLS = ("slotpack", "lean", "lean+sib", "lean+sib+bf16", "reference", "learned")
+_SLOT_OPTIONS = {  # slot implementations: (models.create options, step inside backward)
+    "slotpack": ({}, False),
+    "lean": ({"lean": True}, False),
+    "lean+sib": ({"lean": True}, True),
+    "lean+sib+bf16": ({"lean": True, "score_dtype": "bfloat16"}, True),
+}
 
 
 def _rss_mb() -> float:
@@ -34,15 +45,37 @@ def _rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _memory_env() -> dict[str, str]:
+    """Environment of the memory-measuring child: glibc returns every block over 64 KiB to the
+    OS at once (no dynamic mmap threshold), so the resident set follows the live tensors."""
+    import os
+
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _build(model_name: str, impl: str, k: int, dev, x):
     """(model, optimizer, max |reference - slotpack| logits or None) for one implementation."""
     import torch
 
     from benchmarks.reference_slot import to_reference
-    from slotpack import models
+    from slotpack import models, optim
 
     method = "learned" if impl == "learned" else "slot"
-    model = models.create(model_name, k, method=method, seed=0, device=dev, lean=impl == "lean")
+    options, in_backward = _SLOT_OPTIONS.get(impl, ({}, False))
+    model = models.create(model_name, k, method=method, seed=0, device=dev, **options)
     check = None
     if impl == "reference":
         ours = model
@@ -52,7 +85,8 @@ def _build(model_name: str, impl: str, k: int, dev, x):
             check = (model(x) - ours(x)).abs().max().item()  # same function, different mechanics
         del ours
         model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optim.sgd(params, lr=0.1, momentum=0.9, weight_decay=0.0, in_backward=in_backward)
     return model, opt, check
 
 
@@ -98,6 +132,12 @@ def measure_one(
 
     dev = torch.device(device)
     x, y = _inputs(model_name, batch, dev)
+    # A few steps of the dense twin first, so that loading kernels and libraries (hundreds of MiB
+    # of resident pages on CPU) is not counted as the implementation's memory.
+    warm, warm_opt, _ = _build(model_name, "learned", k, dev, x)
+    for _ in range(2):
+        _timed_step(warm, warm_opt, x, y, amp)
+    del warm, warm_opt
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -105,11 +145,16 @@ def measure_one(
     else:
         base = _rss_mb()
     model, opt, check = _build(model_name, impl, k, dev, x)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
     times = [_timed_step(model, opt, x, y, amp) for _ in range(warmup + steps)][warmup:]
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = _peak_rss_mb()
     return {
         "model": model_name,
         "impl": impl,
@@ -207,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 if args.amp:
                     cmd.append("--amp")
-                out = subprocess.run(cmd, capture_output=True, text=True)
+                out = subprocess.run(cmd, capture_output=True, text=True, env=_memory_env())
                 if out.returncode != 0:
                     tail = (out.stderr.strip().splitlines() or ["?"])[-1]
                     print(f"{model} K={k} {impl}: failed ({tail})", file=sys.stderr)

@@ -6,6 +6,7 @@ Every SlotpackError becomes one line on stderr and exit code 2 (click's usage-er
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -137,12 +138,39 @@ def data_cmd(name: str, root: Path | None) -> None:
     is_flag=True,
     help="Keep no value bank in memory: regenerate values (same results, less memory).",
 )
+@click.option(
+    "--score-dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Dtype of the scores, their gradient and momentum (bfloat16 halves that memory).",
+)
+@click.option(
+    "--step-in-backward",
+    is_flag=True,
+    help="Apply SGD to each layer inside the backward pass (same results, less memory).",
+)
+@click.option(
+    "--distributed",
+    is_flag=True,
+    help="Data-parallel over the ranks of a torchrun job (automatic under torchrun).",
+)
 @DATA_ROOT
 @DEVICE
 def train_cmd(
-    out: Path, resume: bool, root: Path | None, device: str, milestones: str | None, **options: Any
+    out: Path,
+    resume: bool,
+    root: Path | None,
+    device: str,
+    milestones: str | None,
+    distributed: bool,
+    **options: Any,
 ) -> None:
-    """Train a zoo model (slot network, or --method learned for the float32 baseline)."""
+    """Train a zoo model (slot network, or --method learned for the float32 baseline).
+
+    Under `torchrun --nproc-per-node N -m slotpack train ...` every rank trains its shard of
+    each batch (--batch-size is the global batch) and rank 0 writes the run folder."""
+    from .distributed import launched
     from .train import TrainConfig, train
 
     if milestones is not None:
@@ -153,11 +181,22 @@ def train_cmd(
                 f"not a comma-separated list of epochs: {milestones!r}", param_hint="--milestones"
             ) from None
     cfg = TrainConfig(**options)
-    result = train(cfg, out, root=_root(root), device=device, resume=resume, reporter=_Bars())
-    click.echo(
-        f"best val acc {result['val_acc']:.4f} (epoch {result['best_epoch']}), "
-        f"test acc {result['test_acc']:.4f} -> {out}"
+    distributed = distributed or launched()
+    result = train(
+        cfg,
+        out,
+        root=_root(root),
+        device=device,
+        resume=resume,
+        reporter=_Bars(),
+        distributed=distributed,
     )
+    if int(os.environ.get("RANK", "0")) == 0:
+        ranks = f" ({result['world_size']} ranks)" if "world_size" in result else ""
+        click.echo(
+            f"best val acc {result['val_acc']:.4f} (epoch {result['best_epoch']}), "
+            f"test acc {result['test_acc']:.4f}{ranks} -> {out}"
+        )
 
 
 @main.command("finetune")

@@ -3,14 +3,18 @@
 The value bank is regenerated from (seed, layer) on the layer's device and never saved; only the
 scores [connections, K] (and an optional bias) are parameters. In lean mode the bank is not even
 kept in memory: the forward pass generates only each connection's selected value, and the backward
-pass regenerates the K values it needs for the score gradient (bit-identical results). The forward pass gathers the selected
-value per connection (no K-times one-hot product); the backward pass is the straight-through rule
+pass regenerates the K values it needs for the score gradient, block by block (bit-identical
+results). The forward pass gathers the selected value per connection (no K-times one-hot
+product); the backward pass is the straight-through rule
 d loss / d score[i, k] = d loss / d w[i] * value[i, k].
+Scores may be stored in bfloat16 (half the memory of scores, their gradient and momentum); the
+bank, the selected weights and the products above stay float32 until the gradient is stored.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,29 @@ from . import prng
 from .errors import ConfigError
 
 SELECTIONS = ("greedy", "probabilistic")
+SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# Elements per block of the score gradient: bounds the float32 and int64 temporaries of a
+# backward pass to a few tens of MiB whatever the layer size.
+_GRAD_BLOCK = 1 << 22
+
+
+def _score_grad(
+    grad_w: torch.Tensor, k: int, values: Callable[[int, int], torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """[n, K] ``grad_w[i] * value[i, j]`` in ``dtype``, built in row blocks.
+
+    ``values(a, b)`` gives float32 rows a..b of the bank. The product is rounded to float32 and
+    then to ``dtype``, so the stored-bank and lean modes agree bit for bit in either dtype.
+    """
+    n = grad_w.shape[0]
+    grad = torch.empty((n, k), dtype=dtype, device=grad_w.device)
+    rows = max(1, _GRAD_BLOCK // k)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        grad[a:b] = values(a, b) * grad_w[a:b].unsqueeze(1)
+    return grad
 
 
 class _SelectValues(torch.autograd.Function):
@@ -28,12 +55,14 @@ class _SelectValues(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores: torch.Tensor, bank: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(bank)
+        ctx.dtype = scores.dtype
         return bank.gather(1, index.unsqueeze(1)).squeeze(1)
 
     @staticmethod
     def backward(ctx, grad_w: torch.Tensor):
         (bank,) = ctx.saved_tensors
-        return grad_w.unsqueeze(1) * bank, None, None
+        grad = _score_grad(grad_w.float(), bank.shape[1], lambda a, b: bank[a:b], ctx.dtype)
+        return grad, None, None
 
 
 class _SelectLean(torch.autograd.Function):
@@ -44,18 +73,18 @@ class _SelectLean(torch.autograd.Function):
         ctx, scores: torch.Tensor, index: torch.Tensor, key: int, bound: float
     ) -> torch.Tensor:
         n, k = scores.shape
-        ctx.key, ctx.bound, ctx.shape = key, bound, (n, k)
+        ctx.key, ctx.bound, ctx.k, ctx.dtype = key, bound, k, scores.dtype
         counters = torch.arange(n, dtype=torch.int64, device=scores.device) * k + index
         return prng.values_torch(key, counters, bound)
 
     @staticmethod
     def backward(ctx, grad_w: torch.Tensor):
-        n, k = ctx.shape
-        counters = torch.arange(n * k, dtype=torch.int64, device=grad_w.device)
-        # The regenerated bank becomes the gradient buffer in place: one [n, K] allocation.
-        grad = prng.values_torch(ctx.key, counters, ctx.bound).view(n, k)
-        grad.mul_(grad_w.unsqueeze(1))
-        return grad, None, None, None
+        k, dev = ctx.k, grad_w.device
+
+        def values(a: int, b: int) -> torch.Tensor:
+            return prng.values_range_torch(ctx.key, a * k, b * k, ctx.bound, dev).view(b - a, k)
+
+        return _score_grad(grad_w.float(), k, values, ctx.dtype), None, None, None
 
 
 def select_index(scores: torch.Tensor, selection: str, sample: bool) -> torch.Tensor:
@@ -67,8 +96,9 @@ def select_index(scores: torch.Tensor, selection: str, sample: bool) -> torch.Te
     """
     with torch.no_grad():
         if selection == "probabilistic" and sample:
-            u = torch.rand_like(scores).clamp_(min=torch.finfo(scores.dtype).tiny)
-            return (scores - torch.log(-torch.log(u))).argmax(1)
+            # float32 noise whatever the score dtype (bfloat16 would coarsen the distribution)
+            u = torch.rand(scores.shape, device=scores.device).clamp_(min=torch.finfo().tiny)
+            return (scores.float() - torch.log(-torch.log(u))).argmax(1)
         return scores.argmax(1)
 
 
@@ -88,6 +118,7 @@ class _SlotMixin(nn.Module):
         bias: bool,
         device: torch.device | str | None,
         lean: bool = False,
+        score_dtype: str = "float32",
     ) -> None:
         if k < 2:
             raise ConfigError(f"K must be >= 2, got {k}")
@@ -97,9 +128,14 @@ class _SlotMixin(nn.Module):
             )
         self.weight_shape = tuple(weight_shape)
         self.k, self.seed, self.layer, self.selection = k, seed, layer, selection
+        if score_dtype not in SCORE_DTYPES:
+            raise ConfigError(
+                f"unknown score dtype {score_dtype!r}; choose one of: {', '.join(SCORE_DTYPES)}"
+            )
         self.bound = prng.glorot_bound(*fans)
         n = math.prod(weight_shape)
-        self.scores = nn.Parameter(prng.initial_scores_torch(seed, layer, n, k, self.bound, device))
+        scores = prng.initial_scores_torch(seed, layer, n, k, self.bound, device)
+        self.scores = nn.Parameter(scores.to(SCORE_DTYPES[score_dtype]))
         self.lean = lean
         bank = None if lean else prng.bank_torch(seed, layer, n, k, self.bound, device)
         self.register_buffer("bank", bank, persistent=False)
@@ -123,7 +159,11 @@ class _SlotMixin(nn.Module):
 
     def extra_repr(self) -> str:
         lean = ", lean" if self.lean else ""
-        return f"K={self.k}, seed={self.seed}, layer={self.layer}, selection={self.selection}{lean}"
+        dtype = "" if self.scores.dtype == torch.float32 else f", scores={self.scores.dtype}"
+        return (
+            f"K={self.k}, seed={self.seed}, layer={self.layer}, selection={self.selection}"
+            f"{lean}{dtype}"
+        )
 
 
 class SlotLinear(_SlotMixin):
@@ -141,12 +181,13 @@ class SlotLinear(_SlotMixin):
         bias: bool = False,
         device: torch.device | str | None = None,
         lean: bool = False,
+        score_dtype: str = "float32",
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         shape = (out_features, in_features)
         fans = (in_features, out_features)
-        self._init_slots(shape, fans, k, seed, layer, selection, bias, device, lean)
+        self._init_slots(shape, fans, k, seed, layer, selection, bias, device, lean, score_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight(), self.bias)
@@ -172,6 +213,7 @@ class SlotConv2d(_SlotMixin):
         bias: bool = False,
         device: torch.device | str | None = None,
         lean: bool = False,
+        score_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if in_channels % groups or out_channels % groups:
@@ -182,7 +224,7 @@ class SlotConv2d(_SlotMixin):
         rf = kernel_size * kernel_size
         shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
         fans = ((in_channels // groups) * rf, out_channels * rf)
-        self._init_slots(shape, fans, k, seed, layer, selection, bias, device, lean)
+        self._init_slots(shape, fans, k, seed, layer, selection, bias, device, lean, score_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(

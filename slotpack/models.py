@@ -13,7 +13,7 @@ from torch import nn
 from . import arch as A
 from . import prng
 from .errors import ConfigError
-from .layers import SELECTIONS, SlotConv2d, SlotLinear
+from .layers import SCORE_DTYPES, SELECTIONS, SlotConv2d, SlotLinear
 
 METHODS = ("slot", "learned")
 SlotLayer = SlotLinear | SlotConv2d
@@ -28,10 +28,17 @@ def _weighted_module(
     seed: int,
     device,
     lean: bool = False,
+    score_dtype: str = "float32",
 ) -> nn.Module:
     if method == "slot":
         common = dict(
-            seed=seed, layer=index, selection=selection, bias=layer.bias, device=device, lean=lean
+            seed=seed,
+            layer=index,
+            selection=selection,
+            bias=layer.bias,
+            device=device,
+            lean=lean,
+            score_dtype=score_dtype,
         )
         if isinstance(layer, A.Linear):
             return SlotLinear(layer.in_features, layer.out_features, k, **common)
@@ -104,13 +111,16 @@ class Net(nn.Sequential):
         seed: int,
         device=None,
         lean: bool = False,
+        score_dtype: str = "float32",
     ):
         modules: list[nn.Module] = []
         index = 0
         for layer in arch.layers:
             if isinstance(layer, A.WEIGHTED):
                 modules.append(
-                    _weighted_module(layer, index, method, k, selection, seed, device, lean)
+                    _weighted_module(
+                        layer, index, method, k, selection, seed, device, lean, score_dtype
+                    )
                 )
                 index += 1
             else:
@@ -135,10 +145,12 @@ def create(
     seed: int = 0,
     device: torch.device | str | None = None,
     lean: bool = False,
+    score_dtype: str = "float32",
 ) -> Net:
     """Build zoo model ``name`` as a slot network (any K >= 2) or its dense ``learned`` twin.
 
-    ``lean`` keeps no value bank in memory (slot layers regenerate values from the generator)."""
+    ``lean`` keeps no value bank in memory (slot layers regenerate values from the generator);
+    ``score_dtype`` ("float32" or "bfloat16") is the dtype of the slot layers' scores."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     if selection not in SELECTIONS:
@@ -149,7 +161,11 @@ def create(
         raise ConfigError(f"K must be >= 2, got {k}")
     if not 0 <= seed < 2**64:
         raise ConfigError(f"seed must be in [0, 2**64), got {seed}")
-    return Net(A.get(name), method, k, selection, seed, device, lean)
+    if score_dtype not in SCORE_DTYPES:
+        raise ConfigError(
+            f"unknown score dtype {score_dtype!r}; choose one of: {', '.join(SCORE_DTYPES)}"
+        )
+    return Net(A.get(name), method, k, selection, seed, device, lean, score_dtype)
 
 
 def dense_from_slot(model: Net) -> Net:

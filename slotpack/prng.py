@@ -181,26 +181,48 @@ def _torch_block(device: torch.device) -> int:
     return 1 << 16 if device.type == "cpu" else 1 << 24
 
 
+def _scaled_block(
+    key: int, counters: torch.Tensor, bound: float, offset: float, scale: float
+) -> torch.Tensor:
+    """float32 ((bits >> 40) - 2**23 + offset) * bound * scale for int64 ``counters`` (consumed)."""
+    t = _unit_torch(key, counters)
+    if offset:
+        t.add_(offset)  # integers below 2**24: exact
+    # bound is an exact float32, so this is one correctly rounded float32 multiply; the
+    # power-of-two scale after it is exact.
+    t.mul_(float(np.float32(bound)))
+    t.mul_(scale)
+    return t
+
+
 def _scaled_torch(
     key: int, counters: torch.Tensor, bound: float, offset: float, scale: float
 ) -> torch.Tensor:
-    """float32 ((bits >> 40) - 2**23 + offset) * bound * scale, in device-sized blocks."""
+    """``_scaled_block`` over any counters tensor, in device-sized blocks."""
     import torch
 
     flat = counters.reshape(-1)
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
     step = _torch_block(flat.device)
-    bound32 = float(np.float32(bound))
     for start in range(0, flat.shape[0], step):
-        t = _unit_torch(key, flat[start : start + step].to(torch.int64).clone())
-        if offset:
-            t.add_(offset)  # integers below 2**24: exact
-        # bound is an exact float32, so this is one correctly rounded float32 multiply; the
-        # power-of-two scale after it is exact.
-        t.mul_(bound32)
-        t.mul_(scale)
-        out[start : start + step] = t
+        block = flat[start : start + step].to(torch.int64).clone()
+        out[start : start + step] = _scaled_block(key, block, bound, offset, scale)
     return out.view(counters.shape)
+
+
+def _scaled_range_torch(
+    key: int, start: int, stop: int, bound: float, offset: float, scale: float, device
+) -> torch.Tensor:
+    """``_scaled_block`` for counters start..stop-1, never holding more than a block of them."""
+    import torch
+
+    out = torch.empty(stop - start, dtype=torch.float32, device=device)
+    step = _torch_block(out.device)
+    for a in range(start, stop, step):
+        b = min(stop, a + step)
+        block = torch.arange(a, b, dtype=torch.int64, device=device)
+        out[a - start : b - start] = _scaled_block(key, block, bound, offset, scale)
+    return out
 
 
 def values_torch(key: int, counters: torch.Tensor, bound: float) -> torch.Tensor:
@@ -208,14 +230,18 @@ def values_torch(key: int, counters: torch.Tensor, bound: float) -> torch.Tensor
     return _scaled_torch(key, counters, bound, 0.0, 2.0 ** -(MANTISSA_BITS - 1))
 
 
+def values_range_torch(
+    key: int, start: int, stop: int, bound: float, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """values_torch for the counters start..stop-1, without materialising them."""
+    return _scaled_range_torch(key, start, stop, bound, 0.0, 2.0 ** -(MANTISSA_BITS - 1), device)
+
+
 def bank_torch(
     seed: int, layer: int, n: int, k: int, bound: float, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """All K values of every connection, float32 [n, k], generated on ``device``."""
-    import torch
-
-    counters = torch.arange(n * k, dtype=torch.int64, device=device)
-    return values_torch(layer_key(seed, layer), counters, bound).view(n, k)
+    return values_range_torch(layer_key(seed, layer), 0, n * k, bound, device).view(n, k)
 
 
 def selected_torch(
@@ -233,10 +259,6 @@ def initial_scores_torch(
     seed: int, layer: int, n: int, k: int, bound: float, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """Scores U[0, bound) on the 2**-24 grid, as the reference code's U(0, bound) initialisation."""
-    import torch
-
-    counters = torch.arange(n * k, dtype=torch.int64, device=device)
     half = float(1 << (MANTISSA_BITS - 1))
-    return _scaled_torch(score_key(seed, layer), counters, bound, half, 2.0**-MANTISSA_BITS).view(
-        n, k
-    )
+    key = score_key(seed, layer)
+    return _scaled_range_torch(key, 0, n * k, bound, half, 2.0**-MANTISSA_BITS, device).view(n, k)

@@ -1,7 +1,8 @@
 """Training, evaluation, checkpoints and finetuning of zoo models on whole-tensor data sets.
 
 The loop keeps the data set on the training device, augments there, and synchronises with the host
-once per epoch (no ``.item()`` per step). A run folder holds ``config.json``, ``metrics.jsonl``
+once per epoch (no ``.item()`` per step). Under torchrun it trains data-parallel
+(``slotpack.distributed``: same global batches as one process, sharded across ranks). A run folder holds ``config.json``, ``metrics.jsonl``
 (one JSON line per epoch), ``last.pt`` (everything ``--resume`` needs), ``best.pt`` (best on the
 validation split) and ``result.json``. Checkpoints are plain dicts of tensors and primitives,
 written atomically and read with ``torch.load(weights_only=True)``.
@@ -21,10 +22,12 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from . import __version__, data, models
+from . import __version__, data, models, optim
 from . import arch as A
+from . import distributed as D
 from .atomic import replacing, write_bytes
 from .errors import CheckpointError, ConfigError
+from .layers import SCORE_DTYPES
 
 CHECKPOINT_VERSION = 1
 SCHEDULES = ("constant", "cosine", "step")
@@ -53,6 +56,8 @@ class TrainConfig:
     eval_limit: int | None = None
     init_from: str | None = None
     lean: bool = False  # slot layers keep no value bank in memory (same results, less memory)
+    score_dtype: str = "float32"  # or "bfloat16": scores, their gradient and momentum
+    step_in_backward: bool = False  # SGD step per parameter inside backward (same results)
 
     def __post_init__(self) -> None:
         arch = A.get(self.model)
@@ -82,6 +87,12 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.seed < 2**64:
             raise ConfigError(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ConfigError(
+                f"unknown score dtype {self.score_dtype!r}; choose one of: {', '.join(SCORE_DTYPES)}"
+            )
+        if self.method != "slot" and self.score_dtype != "float32":
+            raise ConfigError("--score-dtype applies to slot models; learned models have no scores")
 
     def resolved(self) -> TrainConfig:
         """The same config with every default filled in from the reference code."""
@@ -246,6 +257,7 @@ def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> models.
         seed=cfg.seed,
         device=device,
         lean=cfg.lean,
+        score_dtype=cfg.score_dtype,
     )
 
 
@@ -283,28 +295,43 @@ def _initial_model(cfg: TrainConfig, device: torch.device) -> models.Net:
 
 def _epoch(
     model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
+    opt: optim.Optimizer,
     train_data: data.TensorData,
     cfg: TrainConfig,
     generator: torch.Generator,
     reporter: Reporter,
+    world: D.World,
 ) -> tuple[float, float]:
+    """One pass over the data; every rank walks the same global batches and keeps its shard."""
     device = train_data.x.device
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in data.batches(train_data, cfg.batch_size, train=True, generator=generator):
+        if y.shape[0] < world.size:  # a last global batch too short to give every rank a row
+            continue
+        scale = D.loss_scale(y.shape[0], world)
+        x, y = D.shard(x, y, world)
         with _autocast(device):
             logits = model(_prepare(x)).float()
-            loss = F.cross_entropy(logits, y)
+            if world.size == 1:
+                summed = None
+                loss = F.cross_entropy(logits, y)
+            else:
+                summed = F.cross_entropy(logits, y, reduction="sum")
+                loss = summed * scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_sum += loss.detach().double() * y.shape[0]
+        batch_loss = loss.detach().double() * y.shape[0] if summed is None else summed.double()
+        loss_sum += batch_loss.detach()
         correct += (logits.detach().argmax(1) == y).sum()
+        seen += y.shape[0]
         reporter.step()
-    n = len(train_data)
-    return loss_sum.item() / n, correct.item() / n
+    totals = D.all_sum(torch.stack([loss_sum, correct.double(), seen.double()]), world)
+    n = max(totals[2].item(), 1.0)
+    return totals[0].item() / n, totals[1].item() / n
 
 
 def _steps(n: int, batch_size: int) -> int:
@@ -319,12 +346,42 @@ def train(
     device: str = "auto",
     resume: bool = False,
     reporter: Reporter | None = None,
+    distributed: bool = False,
 ) -> dict[str, Any]:
-    """Train ``cfg`` into run folder ``out``; return the result record (also in result.json)."""
+    """Train ``cfg`` into run folder ``out``; return the result record (also in result.json).
+
+    ``distributed``: this process is one rank of a torchrun job (slotpack.distributed): the
+    model is wrapped in DistributedDataParallel, each rank trains on its shard of every global
+    batch of ``cfg.batch_size``, and only rank 0 evaluates, writes files and reports progress.
+    Every rank returns the same result.
+    """
     cfg = cfg.resolved()
-    out = Path(out)
     dev = resolve_device(device)
-    reporter = reporter or SilentReporter()
+    if not distributed:
+        return _train(cfg, Path(out), root, dev, resume, reporter or SilentReporter(), D.World())
+    if cfg.step_in_backward:
+        raise ConfigError(
+            "--step-in-backward cannot be combined with --distributed: DDP averages gradients "
+            "after the per-parameter steps would already have run"
+        )
+    world, dev = D.start(dev)
+    try:
+        reporter = (reporter or SilentReporter()) if world.main else SilentReporter()
+        return _train(cfg, Path(out), root, dev, resume, reporter, world, ddp=True)
+    finally:
+        D.stop()
+
+
+def _train(
+    cfg: TrainConfig,
+    out: Path,
+    root: Path | str,
+    dev: torch.device,
+    resume: bool,
+    reporter: Reporter,
+    world: D.World,
+    ddp: bool = False,
+) -> dict[str, Any]:
     last_path = out / "last.pt"
     if resume:
         if not last_path.is_file():
@@ -333,15 +390,21 @@ def train(
         raise CheckpointError(
             f"{out} already holds a run; pass --resume to continue it or choose another --out"
         )
+    D.barrier(world)  # every rank has checked the folder before rank 0 writes to it
     train_data = data.load(cfg.dataset, root, "train", dev, limit=cfg.limit)
     val_data = data.load(cfg.dataset, root, "val", dev, limit=cfg.eval_limit)
 
     torch.manual_seed(cfg.seed % 2**63)  # dropout and probabilistic sampling
     generator = torch.Generator(device=dev)
     generator.manual_seed(cfg.seed % 2**63)
-    model = _initial_model(cfg, dev)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    net = _initial_model(cfg, dev)
+    opt = optim.sgd(
+        net.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        in_backward=cfg.step_in_backward,
+        seed=cfg.seed,
     )
     start_epoch, best_val = 0, -1.0
     if resume:
@@ -351,22 +414,29 @@ def train(
             raise CheckpointError(
                 f"--resume with a different config than {last_path} (only --epochs may change)"
             )
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         generator.set_state(state["rng_data"])
         if dev.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         start_epoch, best_val = state["epoch"] + 1, state["best_val"]
-        # Keep the metrics of the epochs last.pt holds; a crash may have left one more line.
-        kept = [r for r in iter_metrics(out) if r["epoch"] <= start_epoch]
+        if world.main:
+            # Keep the metrics of the epochs last.pt holds; a crash may have left one more line.
+            kept = [r for r in iter_metrics(out) if r["epoch"] <= start_epoch]
+            _atomic_write_text(
+                "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), out / "metrics.jsonl"
+            )
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(
-            "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), out / "metrics.jsonl"
+            json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n", out / "config.json"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(
-        json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n", out / "config.json"
-    )
+    model: torch.nn.Module = net
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     steps = _steps(len(train_data), cfg.batch_size)
     for epoch in range(start_epoch, cfg.epochs):
@@ -374,9 +444,11 @@ def train(
             group["lr"] = lr_at(cfg, epoch)
         reporter.epoch_start(epoch, cfg.epochs, steps)
         t0 = time.perf_counter()
-        train_loss, train_acc = _epoch(model, opt, train_data, cfg, generator, reporter)
+        train_loss, train_acc = _epoch(model, opt, train_data, cfg, generator, reporter, world)
         seconds = time.perf_counter() - t0
-        val = evaluate(model, val_data)
+        if not world.main:
+            continue
+        val = evaluate(net, val_data)
         record = {
             "epoch": epoch + 1,
             "lr": lr_at(cfg, epoch),
@@ -395,10 +467,10 @@ def train(
         }
         if val.accuracy > best_val:
             best_val = val.accuracy
-            _atomic_save({**base, "model": model.state_dict()}, out / "best.pt")
+            _atomic_save({**base, "model": net.state_dict()}, out / "best.pt")
         state = {
             **base,
-            "model": model.state_dict(),
+            "model": net.state_dict(),
             "optimizer": opt.state_dict(),
             "best_val": best_val,
             "rng_cpu": torch.get_rng_state(),
@@ -411,12 +483,21 @@ def train(
         _atomic_save(state, last_path)
         reporter.epoch_end(record)
 
-    counts = {"train_count": len(train_data), "val_count": len(val_data)}
-    return finish(out, root=root, device=dev, counts=counts)
+    extra: dict[str, Any] = {"train_count": len(train_data), "val_count": len(val_data)}
+    if ddp:
+        digests = D.replica_digests(net, world)
+        extra.update(world_size=world.size, replica_digests=digests)
+    result = finish(out, root=root, device=dev, extra=extra) if world.main else None
+    result = D.broadcast(result, world)
+    if ddp and len(set(result["replica_digests"])) != 1:
+        raise D.ReplicaMismatchError(
+            f"the {world.size} ranks ended with different parameters: {result['replica_digests']}"
+        )
+    return result
 
 
 def finish(
-    out: Path, *, root: Path | str, device: torch.device, counts: dict[str, int]
+    out: Path, *, root: Path | str, device: torch.device, extra: dict[str, Any]
 ) -> dict[str, Any]:
     """Evaluate a run's best checkpoint on the test split and write result.json."""
     ckpt = load_checkpoint(out / "best.pt")
@@ -437,7 +518,7 @@ def finish(
         "test_acc": test.accuracy,
         "test_loss": test.loss,
         "test_count": test.count,
-        **counts,
+        **extra,
         "mean_epoch_seconds": sum(e["epoch_seconds"] for e in epochs) / max(len(epochs), 1),
         "device": str(device),
         "torch": torch.__version__,
@@ -474,6 +555,7 @@ def finetune_config(
     return replace(
         source,
         method="learned",
+        score_dtype="float32",
         init_from=str(Path(ckpt["path"]).resolve()),
         epochs=epochs,
         lr=lr,

@@ -76,6 +76,35 @@ def test_train_eval_finetune(run, mnist_root, tmp_path):
     assert (out / "best.pt").read_bytes() == before
 
 
+def test_train_with_the_memory_options(run, mnist_root, tmp_path):
+    out = tmp_path / "lean"
+    r = run(
+        "train",
+        "--model",
+        "lenet300100",
+        "--epochs",
+        "1",
+        "--limit",
+        "2000",
+        "--eval-limit",
+        "1000",
+        "--lean",
+        "--step-in-backward",
+        "--score-dtype",
+        "bfloat16",
+        "--device",
+        "cpu",
+        "--root",
+        mnist_root,
+        "--out",
+        out,
+    )
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["lean"] and config["step_in_backward"] and config["score_dtype"] == "bfloat16"
+    assert json.loads((out / "result.json").read_text())["test_acc"] > 0.6
+
+
 def test_env_var_sets_the_data_root(run, mnist_root, tmp_path, monkeypatch):
     monkeypatch.setenv("SLOTPACK_DATA", str(mnist_root))
     r = run("data", "mnist")
@@ -96,6 +125,12 @@ def test_env_var_sets_the_data_root(run, mnist_root, tmp_path, monkeypatch):
             ["defined for cifar10"],
         ),
         (["train", "--model", "conv2", "--milestones", "a,b", "--out", "x"], ["milestones"]),
+        (["train", "--model", "conv2", "--score-dtype", "fp8", "--out", "x"], ["fp8"]),
+        (
+            ["train", "--model", "conv2", "--method", "learned", "--score-dtype", "bfloat16"]
+            + ["--out", "x"],
+            ["no scores"],
+        ),
         (["eval", "does-not-exist"], ["no checkpoint"]),
         (["data", "imagenet"], ["imagenet"]),
     ],

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slotpack import prng
+from slotpack import layers, prng
 from slotpack.errors import ConfigError
 from slotpack.layers import SlotConv2d, SlotLinear
 
@@ -17,7 +17,10 @@ def _reference_score_grad(layer, grad_w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(grad_w.reshape(-1, 1).double().numpy() * bank)
 
 
-def test_linear_gradient_matches_formula():
+@pytest.mark.parametrize("block", [None, 24])  # default, and many blocks with a remainder
+def test_linear_gradient_matches_formula(block, monkeypatch):
+    if block:
+        monkeypatch.setattr(layers, "_GRAD_BLOCK", block)
     torch.manual_seed(0)
     layer = SlotLinear(20, 7, 4, seed=9, layer=2)
     x, r = torch.randn(5, 20), torch.randn(5, 7)
@@ -160,14 +163,16 @@ def test_scores_initialised_uniform_zero_to_bound():
     assert abs(layer.scores.mean().item() / layer.bound - 0.5) < 0.01
 
 
+@pytest.mark.parametrize("score_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("selection", ["greedy", "probabilistic"])
-def test_lean_mode_is_bit_identical_without_a_bank(selection):
+def test_lean_mode_is_bit_identical_without_a_bank(selection, score_dtype, monkeypatch):
+    monkeypatch.setattr(layers, "_GRAD_BLOCK", 64)  # several gradient blocks per layer
+
     def build(lean):
+        common = dict(seed=4, lean=lean, selection=selection, score_dtype=score_dtype)
         return (
-            SlotConv2d(
-                6, 8, 3, 5, seed=4, layer=2, padding=1, groups=2, lean=lean, selection=selection
-            ),
-            SlotLinear(8 * 36, 10, 5, seed=4, layer=3, lean=lean, selection=selection),
+            SlotConv2d(6, 8, 3, 5, layer=2, padding=1, groups=2, **common),
+            SlotLinear(8 * 36, 10, 5, layer=3, **common),
         )
 
     x = torch.randn(3, 6, 6, 6)
@@ -182,3 +187,19 @@ def test_lean_mode_is_bit_identical_without_a_bank(selection):
         grads[lean] = [conv.scores.grad, fc.scores.grad]
     for a, b in zip(weights[False] + grads[False], weights[True] + grads[True], strict=True):
         assert torch.equal(a, b)
+
+
+def test_bfloat16_scores_round_the_float32_gradient():
+    bf = SlotLinear(30, 9, 8, seed=2, layer=1, score_dtype="bfloat16", bias=True)
+    f32 = SlotLinear(30, 9, 8, seed=2, layer=1, bias=True)
+    assert bf.scores.dtype == torch.bfloat16 and bf.bias.dtype == torch.float32
+    with torch.no_grad():
+        f32.scores.copy_(bf.scores.float())  # the same scores, so the same argmax
+    x = torch.randn(4, 30)
+    for layer in (bf, f32):
+        layer(x).square().sum().backward()
+    assert torch.equal(bf.weight(), f32.weight())
+    assert bf.scores.grad.dtype == torch.bfloat16
+    assert torch.equal(bf.scores.grad, f32.scores.grad.to(torch.bfloat16))
+    with pytest.raises(ConfigError, match="score dtype"):
+        SlotLinear(3, 2, 4, seed=0, layer=0, score_dtype="float16")

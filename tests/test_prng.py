@@ -123,3 +123,14 @@ def test_initial_scores_in_range_and_distinct_from_values():
     assert abs(s.mean().item() - 0.25) < 0.01
     bank = prng.bank_torch(0, 0, 10_000, 8, 0.5)
     assert abs(np.corrcoef(s.reshape(-1).numpy(), bank.reshape(-1).numpy())[0, 1]) < 0.02
+
+
+@pytest.mark.parametrize("start,stop", [(0, 1), (5, 70_001), (3 * 2**16 - 7, 5 * 2**16 + 3)])
+def test_counter_ranges_equal_explicit_counters_across_blocks(start, stop):
+    key, bound = prng.layer_key(3, 2), prng.glorot_bound(50, 20)
+    counters = torch.arange(start, stop, dtype=torch.int64)
+    ranged = prng.values_range_torch(key, start, stop, bound)
+    assert torch.equal(ranged, prng.values_torch(key, counters, bound))
+    assert np.array_equal(ranged.numpy(), prng.values_np(key, counters.numpy(), bound))
+    bank = prng.bank_torch(9, 1, 30_001, 5, bound)  # 150,005 values: three blocks
+    assert np.array_equal(bank.numpy(), prng.bank_np(9, 1, 30_001, 5, bound))

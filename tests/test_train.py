@@ -60,6 +60,41 @@ def test_lean_training_matches_stored_bank(mnist_root, tmp_path):
     assert cfg_lean.lean and model[1].bank is None
 
 
+def test_step_in_backward_trains_like_the_plain_optimizer_and_resumes(mnist_root, tmp_path):
+    cfg = TrainConfig(**{**SMALL, "epochs": 2}, seed=4)
+    train(cfg, tmp_path / "plain", root=mnist_root, device="cpu")
+    fused = replace(cfg, step_in_backward=True)
+    train(replace(fused, epochs=1), tmp_path / "fused", root=mnist_root, device="cpu")
+    train(fused, tmp_path / "fused", root=mnist_root, device="cpu", resume=True)
+    a, b = _scores(tmp_path / "plain" / "last.pt"), _scores(tmp_path / "fused" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = load_checkpoint(tmp_path / "fused" / "last.pt")["optimizer"]
+    assert len(state["chain"]) == 3  # one SGD (with its momentum) per parameter
+    with pytest.raises(CheckpointError, match="different config"):
+        train(cfg, tmp_path / "fused", root=mnist_root, device="cpu", resume=True)
+
+
+def test_bfloat16_scores_train_pack_and_reload(mnist_root, tmp_path):
+    from slotpack.pack import pack_checkpoint
+    from slotpack.runtime import rebuild
+
+    cfg = TrainConfig(**SMALL, score_dtype="bfloat16", lean=True)
+    result = train(cfg, tmp_path / "bf", root=mnist_root, device="cpu")
+    assert result["test_acc"] > 0.7  # float32 scores: 0.77 on this small run
+    model, saved = load_model(tmp_path / "bf")
+    assert saved.score_dtype == "bfloat16" and model[1].scores.dtype == torch.bfloat16
+    blob, _ = pack_checkpoint(tmp_path / "bf")
+    arrays = rebuild(blob)
+    model.eval()
+    assert torch.equal(torch.from_numpy(arrays["1.weight"]), model[1].weight())
+    with pytest.raises(ConfigError, match="learned models have no scores"):
+        TrainConfig(model="lenet300100", method="learned", score_dtype="bfloat16")
+    with pytest.raises(ConfigError, match="unknown score dtype"):
+        TrainConfig(model="lenet300100", score_dtype="int8")
+    ft = finetune_config(tmp_path / "bf", epochs=1)
+    assert ft.method == "learned" and ft.score_dtype == "float32"
+
+
 def test_resume_continues_exactly(mnist_root, tmp_path):
     two = TrainConfig(**{**SMALL, "epochs": 2})
     train(two, tmp_path / "straight", root=mnist_root, device="cpu")

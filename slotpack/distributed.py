@@ -1,0 +1,132 @@
+"""Data-parallel training over torch.distributed: who this process is, its shard, replica checks.
+
+Launched by ``torchrun`` (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). Nothing
+random is ever communicated: every rank builds the same value bank and the same initial scores
+from the shared seed, draws the same shuffled order and the same augmentation of each *global*
+batch from the same generator, and keeps rows ``rank::world`` of it. Each rank's loss is scaled
+by ``world / global batch size`` so that DDP's gradient average equals the single-process
+gradient of the whole batch exactly, whatever the shard sizes. Only score (and bias, BatchNorm)
+gradients travel, in DDP's all-reduce.
+
+What is not the same as one process: dropout masks and probabilistic draws come from each
+rank's own global RNG, seeded identically, so they match the single process only while the
+shards have equal size; BatchNorm uses per-rank batch statistics (ordinary DDP, no SyncBatchNorm)
+and rank 0's running statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError, SlotpackError
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class ReplicaMismatchError(SlotpackError):
+    """The ranks of a distributed run ended with different parameters (a bug, never expected)."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job; ``World()`` is the single-process run."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """True under torchrun (or any launcher that sets the standard environment variables)."""
+    return all(v in os.environ for v in _LAUNCH_VARS)
+
+
+def start(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun prepared: NCCL on CUDA (one GPU per local rank), else gloo."""
+    if not launched():
+        missing = [v for v in _LAUNCH_VARS if v not in os.environ]
+        raise ConfigError(
+            f"--distributed needs a launcher: run `torchrun --nproc-per-node N -m slotpack train ...` "
+            f"({', '.join(missing)} not set)"
+        )
+    world = World(
+        int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    )
+    if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {world.local_rank} has no GPU ({torch.cuda.device_count()} visible)"
+            )
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, device
+
+
+def stop() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(x: torch.Tensor, y: torch.Tensor, world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of a global batch: ``rank::size`` (the shards partition the batch)."""
+    if world.size == 1:
+        return x, y
+    return x[world.rank :: world.size], y[world.rank :: world.size]
+
+
+def loss_scale(global_batch: int, world: World) -> float:
+    """Factor on a rank's summed loss so that DDP's mean over ranks is the global batch mean."""
+    return world.size / global_batch
+
+
+def all_sum(t: torch.Tensor, world: World) -> torch.Tensor:
+    """Sum of ``t`` over ranks (in place); identity in a single process."""
+    if world.size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def digest(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's state (names, dtypes, shapes, bytes) in a fixed order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def replica_digests(module: torch.nn.Module, world: World) -> list[str]:
+    """Every rank's digest of ``module``, in rank order (all ranks must call this)."""
+    mine = digest(module)
+    if world.size == 1:
+        return [mine]
+    every: list[Any] = [None] * world.size
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def broadcast(obj: Any, world: World) -> Any:
+    """Rank 0's ``obj`` on every rank (the processes of one job trust each other)."""
+    if world.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
