@@ -171,19 +171,23 @@ def accuracy_section(records: list[dict[str, Any]], hybrid: dict[str, dict]) -> 
     if sampled:
         out += [
             "",
-            "Probabilistic selection: the deployed network (each connection's most probable "
-            "value, what a `.slot` file holds) against the network as it was trained (a fresh "
-            "draw from softmax(scores) for every connection and batch; mean over draws, not "
-            "deployable):",
+            "Probabilistic selection, three ways to pick a network from the trained scores: "
+            "the deployed one (one fixed, seeded draw from softmax(scores): what evaluation "
+            "uses and the `.slot` file holds; older records, made before this rule, evaluated "
+            "the argmax), the argmax network (each connection's most probable value), and the "
+            "networks training saw (a fresh draw per batch; mean over draws; not deployable):",
             "",
-            "| model | K | epochs | argmax, deployed (torch) | sampled, as trained | draws |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| model | K | epochs | data | deployed (torch) | argmax | fresh draws | draws |",
+            "|---|---|---:|---|---:|---:|---:|---:|",
         ]
         for r in sampled:
             smp = r["deployed"]["sampled"]
+            n = r["result"].get("train_count")
             out.append(
                 f"| {r['config']['model']} | {r['config']['k']} | {r['result']['epochs']} | "
-                f"{_pct(r['result']['test_acc'])} | {_pct(smp['test_acc_mean'])} | {smp['draws']} |"
+                f"{n or '?'} train | {_pct(r['result']['test_acc'])} | "
+                f"{_pct(smp.get('argmax_test_acc'))} | {_pct(smp['test_acc_mean'])} | "
+                f"{smp['draws']} |"
             )
     seeds = _seed_summary(records)
     if seeds:

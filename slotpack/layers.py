@@ -87,18 +87,34 @@ class _SelectLean(torch.autograd.Function):
         return _score_grad(grad_w.float(), k, values, ctx.dtype), None, None, None
 
 
-def select_index(scores: torch.Tensor, selection: str, sample: bool) -> torch.Tensor:
+def _gumbel_argmax(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """argmax(scores + Gumbel noise from uniforms ``u`` (consumed)): a draw from softmax(scores).
+
+    The noise is float32 whatever the score dtype (bfloat16 would coarsen the distribution)."""
+    u.clamp_(min=torch.finfo(torch.float32).tiny)
+    return (scores.float() - u.log_().neg_().log_()).argmax(1)
+
+
+def select_index(
+    scores: torch.Tensor, selection: str, sample: bool, draw_key: int | None = None
+) -> torch.Tensor:
     """Index of the chosen value per connection.
 
-    Greedy: argmax. Probabilistic while ``sample``: a draw from softmax(scores) by the Gumbel-max
-    trick (one vectorised argmax; the same distribution as torch.multinomial). When not sampling
-    (evaluation, packing) every model uses the argmax, so what is evaluated is what is packed.
+    Greedy: argmax. Probabilistic while ``sample`` (training): a fresh draw from softmax(scores)
+    by the Gumbel-max trick (one vectorised argmax; the same distribution as torch.multinomial).
+    Probabilistic when not sampling (evaluation, packing): one *fixed* draw, whose uniforms come
+    from the generator stream ``draw_key``, so every evaluation and the packed file use the same
+    network. (The argmax would be a different network from the ones training saw: a layer whose
+    scores stay nearly flat learns to work with random draws, not with its top values.)
     """
     with torch.no_grad():
-        if selection == "probabilistic" and sample:
-            # float32 noise whatever the score dtype (bfloat16 would coarsen the distribution)
-            u = torch.rand(scores.shape, device=scores.device).clamp_(min=torch.finfo().tiny)
-            return (scores.float() - torch.log(-torch.log(u))).argmax(1)
+        if selection == "probabilistic":
+            if sample:
+                return _gumbel_argmax(scores, torch.rand(scores.shape, device=scores.device))
+            if draw_key is None:
+                raise ConfigError("a fixed draw needs its generator key")
+            u = prng.uniform_torch(draw_key, scores.numel(), scores.device).view(scores.shape)
+            return _gumbel_argmax(scores, u)
         return scores.argmax(1)
 
 
@@ -143,8 +159,9 @@ class _SlotMixin(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out, device=device)) if bias else None
 
     def selected_index(self) -> torch.Tensor:
-        """Flat [connections] index of the value each connection uses (greedy unless sampling)."""
-        return select_index(self.scores, self.selection, sample=self.training)
+        """Flat [connections] index of the value each connection uses now (``select_index``)."""
+        key = prng.draw_key(self.seed, self.layer)
+        return select_index(self.scores, self.selection, sample=self.training, draw_key=key)
 
     def weight(self) -> torch.Tensor:
         """The dense weight this forward pass uses, differentiable w.r.t. the scores."""

@@ -1,9 +1,10 @@
-"""Packing trained slot networks into ``.slot`` bytes: the argmax of each connection's scores.
+"""Packing trained slot networks into ``.slot`` bytes: the index each connection uses.
 
 ``encode_selection`` is the numpy core (indices and dense tensors in, file bytes out);
-``pack_model`` and ``pack_checkpoint`` read them off a torch model or a run's checkpoint. For
-probabilistic models the packed index is the argmax as well: the deterministic model that
-``slotpack eval`` evaluates, not one random draw.
+``pack_model`` and ``pack_checkpoint`` read them off a torch model or a run's checkpoint. The
+packed index is what evaluation uses: the argmax of the scores for greedy models, one fixed,
+seeded draw from softmax(scores) for probabilistic ones (``layers.select_index``), so the file
+is the model ``slotpack eval`` measured.
 """
 
 from __future__ import annotations
@@ -105,6 +106,17 @@ def encode_selection(
     )
 
 
+def _deployed_index(module) -> np.ndarray:
+    """The index a slot layer uses in evaluation: the argmax (greedy), the fixed draw
+    (probabilistic); see ``layers.select_index``."""
+    was_training = module.training
+    module.eval()
+    try:
+        return module.selected_index().cpu().numpy().astype(np.uint16)
+    finally:
+        module.train(was_training)
+
+
 def pack_model(
     model: Net,
     *,
@@ -113,7 +125,7 @@ def pack_model(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
 ) -> tuple[bytes, PackInfo]:
-    """Pack a slot ``Net`` (greedy indices of its current scores) into file bytes.
+    """Pack a slot ``Net`` (the indices its evaluation uses) into file bytes.
 
     The input normalisation recorded in the file is the data set's unless ``mean``/``std`` say.
     """
@@ -129,7 +141,7 @@ def pack_model(
     indices, tensors = [], {}
     for pos, (layer, module) in enumerate(zip(model.arch.layers, model, strict=True)):
         if isinstance(layer, A.WEIGHTED):
-            indices.append(module.scores.detach().argmax(1).cpu().numpy().astype(np.uint16))
+            indices.append(_deployed_index(module))
             if module.bias is not None:
                 tensors[F.section_name(pos, "bias")] = module.bias.detach().cpu().numpy()
         elif isinstance(layer, A.BatchNorm2d):

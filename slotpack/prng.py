@@ -33,6 +33,8 @@ MANTISSA_BITS = 24  # values lie on a 2**-24 grid of [0, 1), i.e. 2**-23 steps o
 # Scores are not part of any file; they get their own stream so that initial scores never
 # correlate with the values they select between.
 SCORE_STREAM_SALT = 0x5C0E5C0E5C0E5C0E
+# The fixed draw that deploys a probabilistic model has its own stream too.
+DRAW_STREAM_SALT = 0xD2A3D2A3D2A3D2A3
 # numpy halves work on blocks of this many counters: their uint64 temporaries (128 KiB each) stay
 # in L2, and small models keep the peak memory of a rebuild under twice their dense size.
 NP_BLOCK = 1 << 14
@@ -58,6 +60,11 @@ def layer_key(seed: int, layer: int) -> int:
 def score_key(seed: int, layer: int) -> int:
     """Key of the stream that initialises a layer's scores (training only, never stored)."""
     return layer_key(seed ^ SCORE_STREAM_SALT, layer)
+
+
+def draw_key(seed: int, layer: int) -> int:
+    """Key of the stream of a probabilistic layer's fixed draw (training side, never stored)."""
+    return layer_key(seed ^ DRAW_STREAM_SALT, layer)
 
 
 def glorot_bound(fan_in: int, fan_out: int) -> float:
@@ -253,6 +260,12 @@ def selected_torch(
     index = index.reshape(-1).to(torch.int64)
     counters = torch.arange(index.shape[0], dtype=torch.int64, device=index.device) * k + index
     return values_torch(layer_key(seed, layer), counters, bound)
+
+
+def uniform_torch(key: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """n float32 values U[0, 1) on the 2**-24 grid from counters 0..n-1 of ``key``."""
+    half = float(1 << (MANTISSA_BITS - 1))
+    return _scaled_range_torch(key, 0, n, 1.0, half, 2.0**-MANTISSA_BITS, device)
 
 
 def initial_scores_torch(

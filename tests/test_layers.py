@@ -112,8 +112,21 @@ def test_probabilistic_selection_follows_softmax():
     p = torch.softmax(logits.double(), 0)
     se = torch.sqrt(p * (1 - p) / layer.scores.shape[0])
     assert torch.all((freq - p).abs() < 6 * se), (freq, p)
-    # Evaluation (and packing) always uses the argmax.
+    # Evaluation (and packing) uses one fixed draw: softmax-distributed, seeded, repeatable,
+    # independent of torch's RNG, and a different draw for another seed.
     layer.eval()
+    fixed = layer.selected_index()
+    freq = torch.bincount(fixed, minlength=4).double() / layer.scores.shape[0]
+    assert torch.all((freq - p).abs() < 6 * se), (freq, p)
+    torch.manual_seed(99)
+    assert torch.equal(layer.selected_index(), fixed)
+    other = SlotLinear(500, 200, 4, seed=1, layer=0, selection="probabilistic").eval()
+    with torch.no_grad():
+        other.scores.copy_(layer.scores)
+    assert (other.selected_index() != fixed).float().mean() > 0.3
+    # Peaked scores make the draw the argmax.
+    with torch.no_grad():
+        layer.scores.copy_(100 * logits.expand_as(layer.scores))
     assert torch.all(layer.selected_index() == 2)
 
 

@@ -103,13 +103,21 @@ def test_same_model_same_bytes_and_float16_tensors():
     assert np.array_equal(a16["0.weight"], a32["0.weight"])
 
 
-def test_probabilistic_models_pack_the_argmax():
+def test_probabilistic_models_pack_the_draw_they_are_evaluated_with():
     model = _trained_like(models.create("lenet300100", 8, selection="probabilistic", seed=5))
+    model.train()  # packing uses the evaluation rule whatever mode the model is in
     blob, _ = pack_model(model)
+    assert model.training
     slot = F.decode(blob)
     assert slot.manifest["selection"] == "probabilistic"
     idx = slot.indices("1.indices")
-    assert np.array_equal(idx, model[1].scores.argmax(1).numpy())
+    model.eval()
+    assert np.array_equal(idx, model[1].selected_index().numpy())
+    assert not np.array_equal(idx, model[1].scores.argmax(1).numpy())  # a draw, not the argmax
+    x = torch.randn(3, 1, 28, 28)
+    weights = rebuild(blob)
+    assert np.array_equal(weights["1.weight"], model[1].weight().detach().numpy())
+    assert torch.equal(model(x), model(x))  # evaluation is deterministic
 
 
 def test_lenet_k8_size_target():

@@ -148,7 +148,8 @@ def test_learned_and_probabilistic_train(mnist_root, tmp_path):
         root=mnist_root,
         device="cpu",
     )
-    assert prob["test_acc"] > 0.3  # chance is 0.1; the paper's lr 50 learns slowly at first
+    # Evaluated (like packed) as one fixed draw; 0.89 here. Its argmax network was at 0.28.
+    assert prob["test_acc"] > 0.8
 
 
 def test_reference_defaults():
