@@ -151,6 +151,9 @@ def data_cmd(name: str, root: Path | None) -> None:
     help="Apply SGD to each layer inside the backward pass (same results, less memory).",
 )
 @click.option(
+    "--compile", "compile_", is_flag=True, help="Run training steps through torch.compile."
+)
+@click.option(
     "--distributed",
     is_flag=True,
     help="Data-parallel over the ranks of a torchrun job (automatic under torchrun).",
@@ -164,6 +167,7 @@ def train_cmd(
     device: str,
     milestones: str | None,
     distributed: bool,
+    compile_: bool,
     **options: Any,
 ) -> None:
     """Train a zoo model (slot network, or --method learned for the float32 baseline).
@@ -190,6 +194,7 @@ def train_cmd(
         resume=resume,
         reporter=_Bars(),
         distributed=distributed,
+        compile=compile_,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         ranks = f" ({result['world_size']} ranks)" if "world_size" in result else ""

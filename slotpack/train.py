@@ -347,8 +347,12 @@ def train(
     resume: bool = False,
     reporter: Reporter | None = None,
     distributed: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Train ``cfg`` into run folder ``out``; return the result record (also in result.json).
+
+    ``compile``: run the training steps through ``torch.compile`` (same function; the first
+    steps pay the compilation).
 
     ``distributed``: this process is one rank of a torchrun job (slotpack.distributed): the
     model is wrapped in DistributedDataParallel, each rank trains on its shard of every global
@@ -358,7 +362,8 @@ def train(
     cfg = cfg.resolved()
     dev = resolve_device(device)
     if not distributed:
-        return _train(cfg, Path(out), root, dev, resume, reporter or SilentReporter(), D.World())
+        reporter = reporter or SilentReporter()
+        return _train(cfg, Path(out), root, dev, resume, reporter, D.World(), compile=compile)
     if cfg.step_in_backward:
         raise ConfigError(
             "--step-in-backward cannot be combined with --distributed: DDP averages gradients "
@@ -367,7 +372,7 @@ def train(
     world, dev = D.start(dev)
     try:
         reporter = (reporter or SilentReporter()) if world.main else SilentReporter()
-        return _train(cfg, Path(out), root, dev, resume, reporter, world, ddp=True)
+        return _train(cfg, Path(out), root, dev, resume, reporter, world, ddp=True, compile=compile)
     finally:
         D.stop()
 
@@ -381,6 +386,7 @@ def _train(
     reporter: Reporter,
     world: D.World,
     ddp: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     last_path = out / "last.pt"
     if resume:
@@ -437,6 +443,8 @@ def _train(
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if compile:
+        model = torch.compile(model)  # evaluation and checkpoints keep using ``net`` itself
 
     steps = _steps(len(train_data), cfg.batch_size)
     for epoch in range(start_epoch, cfg.epochs):
