@@ -8,9 +8,9 @@ by ``world / global batch size`` so that DDP's gradient average equals the singl
 gradient of the whole batch exactly, whatever the shard sizes. Only score (and bias, BatchNorm)
 gradients travel, in DDP's all-reduce.
 
-What is not the same as one process: dropout masks and probabilistic draws come from each
-rank's own global RNG, seeded identically, so they match the single process only while the
-shards have equal size; BatchNorm uses per-rank batch statistics (ordinary DDP, no SyncBatchNorm)
+What is not the same as one process: dropout masks come from each rank's identically seeded RNG
+over its own shard, so they differ from the single process's (probabilistic draws are over the
+scores and do match); BatchNorm uses per-rank batch statistics (ordinary DDP, no SyncBatchNorm)
 and rank 0's running statistics.
 """
 
@@ -51,8 +51,11 @@ def launched() -> bool:
     return all(v in os.environ for v in _LAUNCH_VARS)
 
 
-def start(device: torch.device) -> tuple[World, torch.device]:
-    """Join the process group torchrun prepared: NCCL on CUDA (one GPU per local rank), else gloo."""
+def start(device: torch.device) -> tuple[World, torch.device, bool]:
+    """Join the process group torchrun prepared: NCCL on CUDA (one GPU per local rank), else gloo.
+
+    Returns this rank's World, its device, and whether this call created the process group (and
+    so should destroy it)."""
     if not launched():
         missing = [v for v in _LAUNCH_VARS if v not in os.environ]
         raise ConfigError(
@@ -69,13 +72,14 @@ def start(device: torch.device) -> tuple[World, torch.device]:
             )
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return world, device
+    if dist.is_initialized():
+        return world, device, False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, device, True
 
 
 def stop() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

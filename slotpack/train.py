@@ -2,9 +2,9 @@
 
 The loop keeps the data set on the training device, augments there, and synchronises with the host
 once per epoch (no ``.item()`` per step). Under torchrun it trains data-parallel
-(``slotpack.distributed``: same global batches as one process, sharded across ranks). A run folder holds ``config.json``, ``metrics.jsonl``
-(one JSON line per epoch), ``last.pt`` (everything ``--resume`` needs), ``best.pt`` (best on the
-validation split) and ``result.json``. Checkpoints are plain dicts of tensors and primitives,
+(``slotpack.distributed``: the same global batches as one process, sharded across ranks). A run
+folder holds ``config.json``, ``metrics.jsonl`` (one JSON line per epoch), ``last.pt``
+(everything ``--resume`` needs), ``best.pt`` (best on the validation split) and ``result.json``. Checkpoints are plain dicts of tensors and primitives,
 written atomically and read with ``torch.load(weights_only=True)``.
 """
 
@@ -369,12 +369,13 @@ def train(
             "--step-in-backward cannot be combined with --distributed: DDP averages gradients "
             "after the per-parameter steps would already have run"
         )
-    world, dev = D.start(dev)
+    world, dev, created = D.start(dev)
     try:
         reporter = (reporter or SilentReporter()) if world.main else SilentReporter()
         return _train(cfg, Path(out), root, dev, resume, reporter, world, ddp=True, compile=compile)
     finally:
-        D.stop()
+        if created:
+            D.stop()
 
 
 def _train(
