@@ -3,7 +3,8 @@
     python -m benchmarks.ddp_throughput --model lenet300100 --nproc 1 2 --epochs 3 --limit 20000
 
 Every configuration trains the same run (same seed, same global batches) from scratch with
-``slotpack train``; the CPU cores are split evenly between the ranks (OMP_NUM_THREADS). Records
+``slotpack train``, under torchrun with both gradient reductions (``--grad-reduce scores``: DDP
+all-reduces the [connections, K] score gradients; ``weights``: the [connections] weight gradients); the CPU cores are split evenly between the ranks (OMP_NUM_THREADS). Records
 images per second of training (epochs after the first, which holds start-up costs), the
 test accuracy each run reached, and whether the ranks' replicas were identical. On one
 machine the ranks share its cores, so this shows that data-parallel training works and what the
@@ -23,7 +24,7 @@ from pathlib import Path
 from benchmarks.common import write_record
 
 
-def _run(nproc: int | None, args: argparse.Namespace, out: Path, root: Path) -> dict:
+def _run(nproc: int | None, reduce: str, args: argparse.Namespace, out: Path, root: Path) -> dict:
     """Train once; ``nproc=None`` is the plain single process without DDP."""
     cores = os.cpu_count() or 1
     threads = max(1, cores // (nproc or 1))
@@ -50,6 +51,7 @@ def _run(nproc: int | None, args: argparse.Namespace, out: Path, root: Path) -> 
         cmd = [sys.executable, "-m", "slotpack", *train]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        train += ["--grad-reduce", reduce]
         cmd = [*launcher, "--nproc-per-node", str(nproc), "-m", "slotpack", *train]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -60,9 +62,10 @@ def _run(nproc: int | None, args: argparse.Namespace, out: Path, root: Path) -> 
     timed = epochs[1:] or epochs
     seconds = sum(e["epoch_seconds"] for e in timed) / len(timed)
     return {
-        "mode": "single process" if nproc is None else f"torchrun, {nproc} rank(s)",
+        "mode": "single process" if nproc is None else f"torchrun, {nproc} rank(s), {reduce}",
         "ranks": nproc or 1,
         "ddp": nproc is not None,
+        "grad_reduce": reduce if nproc else None,
         "threads_per_rank": threads,
         "epoch_seconds": seconds,
         "images_per_second": result["train_count"] / seconds,
@@ -89,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root or data.default_root()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for nproc in [None, *args.nproc]:
-            row = _run(nproc, args, Path(tmp) / f"run{nproc}", root)
+        runs = [(None, "")] + [(n, r) for n in args.nproc for r in ("scores", "weights")]
+        for nproc, reduce in runs:
+            row = _run(nproc, reduce, args, Path(tmp) / f"run{nproc}{reduce}", root)
             rows.append(row)
             print(
                 f"{row['mode']:24s} {row['images_per_second']:9.0f} images/s  "

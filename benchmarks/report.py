@@ -70,11 +70,16 @@ def step_section(records: list[dict[str, Any]]) -> list[str]:
         "## Training step: slotpack against the reference approach",
         "",
         "The reference approach is benchmarks/reference_slot.py, a faithful re-implementation of "
-        "`sum(weight * one_hot(argmax(scores)), -1)`; `learned` is the dense float32 twin. Median "
+        "`sum(weight * one_hot(argmax(scores)), -1)`; `slotpack` is our gather layer with a "
+        "stored bank; `lean` keeps no bank; `lean+sib` also applies SGD inside the backward "
+        "pass (no full score gradient); `lean+sib+bf16` also keeps scores and momentum in "
+        "bfloat16 (stochastic rounding); `learned` is the dense float32 twin. Median "
         "of the timed steps (forward, backward, SGD with momentum; batch of random images); rows "
         "with an `alone` time took turns step by step with the other implementations in one "
         "process (this CPU's speed drifts between runs), the others ran alone. Peak "
-        "memory: CUDA max_memory_allocated, or on CPU the growth of the peak resident set.",
+        "memory over the timed steps, model state included, bank generation excluded: CUDA "
+        "max_memory_allocated, or on CPU the peak resident set (records before this "
+        "session's step_time.py counted from before the model was built).",
         "",
         "| device | model | K | impl | ms / step | vs reference | peak MiB | vs reference |",
         "|---|---|---:|---|---:|---:|---:|---:|",
@@ -290,7 +295,9 @@ def ddp_section(records: list[dict[str, Any]]) -> list[str]:
         "## Data-parallel training (torchrun, gloo on CPU)",
         "",
         "The same run trained by one plain process and by torchrun with 1 and N ranks on one "
-        "machine; the cores are split between the ranks. Images per second of training after "
+        "machine; the cores are split between the ranks. `scores`: DDP all-reduces the "
+        "[connections, K] score gradients; `weights`: each slot layer all-reduces its "
+        "[connections] weight gradient inside the backward pass, K times less traffic. Images per second of training after "
         "the first epoch. This shows that DDP training works and what gloo's all-reduce of the "
         "score gradients costs; the ranks share one machine's cores, so it is not a scaling "
         "measurement.",

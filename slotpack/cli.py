@@ -158,6 +158,14 @@ def data_cmd(name: str, root: Path | None) -> None:
     is_flag=True,
     help="Data-parallel over the ranks of a torchrun job (automatic under torchrun).",
 )
+@click.option(
+    "--grad-reduce",
+    type=click.Choice(["scores", "weights"]),
+    default="scores",
+    show_default=True,
+    help="Data-parallel: all-reduce the score gradients (DDP), or each slot layer's weight "
+    "gradient, K times smaller, before the score gradient is formed.",
+)
 @DATA_ROOT
 @DEVICE
 def train_cmd(
@@ -167,6 +175,7 @@ def train_cmd(
     device: str,
     milestones: str | None,
     distributed: bool,
+    grad_reduce: str,
     compile_: bool,
     **options: Any,
 ) -> None:
@@ -195,6 +204,7 @@ def train_cmd(
         reporter=_Bars(),
         distributed=distributed,
         compile=compile_,
+        grad_reduce=grad_reduce,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         ranks = f" ({result['world_size']} ranks)" if "world_size" in result else ""

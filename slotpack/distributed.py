@@ -5,8 +5,9 @@ random is ever communicated: every rank builds the same value bank and the same 
 from the shared seed, draws the same shuffled order and the same augmentation of each *global*
 batch from the same generator, and keeps rows ``rank::world`` of it. Each rank's loss is scaled
 by ``world / global batch size`` so that DDP's gradient average equals the single-process
-gradient of the whole batch exactly, whatever the shard sizes. Only score (and bias, BatchNorm)
-gradients travel, in DDP's all-reduce.
+gradient of the whole batch exactly, whatever the shard sizes. Only gradients travel: the score
+gradients in DDP's all-reduce (``grad_reduce="scores"``), or, K times smaller, each slot layer's
+weight gradient, averaged inside its backward pass (``"weights"``, see WeightGradReducer).
 
 What is not the same as one process: dropout masks come from each rank's identically seeded RNG
 over its own shard, so they differ from the single process's (probabilistic draws are over the
@@ -78,6 +79,59 @@ def start(device: torch.device) -> tuple[World, torch.device, bool]:
     return world, device, True
 
 
+GRAD_REDUCE = ("scores", "weights")
+
+
+class WeightGradReducer:
+    """Averages d loss / d w over the ranks inside a slot layer's backward.
+
+    A slot layer's score gradient is ``grad_w[i] * value[i, k]`` and every rank holds the same
+    values, so averaging ``grad_w`` ([connections] floats) and then forming the score gradient
+    on each rank equals averaging the [connections, K] score gradients, with K times less
+    traffic (up to floating-point rounding; every rank gets the same bits)."""
+
+    def __init__(self, world: World) -> None:
+        self.size = world.size
+
+    def __call__(self, grad_w: torch.Tensor) -> torch.Tensor:
+        g = grad_w.clone()  # autograd's buffer is not ours to overwrite
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g.div_(self.size)
+
+
+def wrap(
+    net: torch.nn.Module, world: World, device: torch.device, grad_reduce: str
+) -> torch.nn.Module:
+    """The module to train data-parallel.
+
+    ``scores``: DistributedDataParallel all-reduces every gradient, the [connections, K] score
+    gradients included. ``weights``: slot layers average their weight gradient themselves
+    (WeightGradReducer) and DDP handles only the other parameters; a model with no other
+    parameters (every zoo slot model) is returned unwrapped.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if grad_reduce not in GRAD_REDUCE:
+        raise ConfigError(
+            f"unknown gradient reduction {grad_reduce!r}; choose one of: {', '.join(GRAD_REDUCE)}"
+        )
+    ignored: list[str] = []
+    if grad_reduce == "weights":
+        reducer = WeightGradReducer(world)
+        for name, module in net.named_modules():
+            if hasattr(module, "grad_reducer"):  # a slot layer
+                module.grad_reducer = reducer
+                ignored.append(f"{name}.scores")
+    rest = [n for n, p in net.named_parameters() if p.requires_grad and n not in ignored]
+    if not rest:
+        return net
+    if ignored:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(net, ignored)
+    return DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -103,9 +157,11 @@ def all_sum(t: torch.Tensor, world: World) -> torch.Tensor:
 
 
 def digest(module: torch.nn.Module) -> str:
-    """SHA-256 over a module's state (names, dtypes, shapes, bytes) in a fixed order."""
+    """SHA-256 over a module's parameters (names, dtypes, shapes, bytes) in a fixed order.
+
+    Buffers are left out: BatchNorm running statistics are per rank (rank 0's are saved)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(module.named_parameters()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

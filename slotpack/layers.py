@@ -49,20 +49,37 @@ def _score_grad(
     return grad
 
 
+GradReducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _reduced(grad_w: torch.Tensor, reducer: GradReducer | None) -> torch.Tensor:
+    # Data-parallel training may average d loss / d w over ranks here, before it becomes the
+    # K-times larger score gradient (slotpack.distributed.WeightGradReducer).
+    grad_w = grad_w.float()
+    return grad_w if reducer is None else reducer(grad_w.contiguous())
+
+
 class _SelectValues(torch.autograd.Function):
     """w[i] = bank[i, index[i]] forward; straight-through score gradient backward."""
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, bank: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx,
+        scores: torch.Tensor,
+        bank: torch.Tensor,
+        index: torch.Tensor,
+        reducer: GradReducer | None = None,
+    ) -> torch.Tensor:
         ctx.save_for_backward(bank)
-        ctx.dtype = scores.dtype
+        ctx.dtype, ctx.reducer = scores.dtype, reducer
         return bank.gather(1, index.unsqueeze(1)).squeeze(1)
 
     @staticmethod
     def backward(ctx, grad_w: torch.Tensor):
         (bank,) = ctx.saved_tensors
-        grad = _score_grad(grad_w.float(), bank.shape[1], lambda a, b: bank[a:b], ctx.dtype)
-        return grad, None, None
+        grad_w = _reduced(grad_w, ctx.reducer)
+        grad = _score_grad(grad_w, bank.shape[1], lambda a, b: bank[a:b], ctx.dtype)
+        return grad, None, None, None
 
 
 class _SelectLean(torch.autograd.Function):
@@ -70,10 +87,16 @@ class _SelectLean(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, scores: torch.Tensor, index: torch.Tensor, key: int, bound: float
+        ctx,
+        scores: torch.Tensor,
+        index: torch.Tensor,
+        key: int,
+        bound: float,
+        reducer: GradReducer | None = None,
     ) -> torch.Tensor:
         n, k = scores.shape
         ctx.key, ctx.bound, ctx.k, ctx.dtype = key, bound, k, scores.dtype
+        ctx.reducer = reducer
         counters = torch.arange(n, dtype=torch.int64, device=scores.device) * k + index
         return prng.values_torch(key, counters, bound)
 
@@ -84,7 +107,8 @@ class _SelectLean(torch.autograd.Function):
         def values(a: int, b: int) -> torch.Tensor:
             return prng.values_range_torch(ctx.key, a * k, b * k, ctx.bound, dev).view(b - a, k)
 
-        return _score_grad(grad_w.float(), k, values, ctx.dtype), None, None, None
+        grad_w = _reduced(grad_w, ctx.reducer)
+        return _score_grad(grad_w, k, values, ctx.dtype), None, None, None, None
 
 
 def _gumbel_argmax(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -155,6 +179,8 @@ class _SlotMixin(nn.Module):
         self.lean = lean
         bank = None if lean else prng.bank_torch(seed, layer, n, k, self.bound, device)
         self.register_buffer("bank", bank, persistent=False)
+        # Set by data-parallel training to average d loss / d w over ranks (see _reduced).
+        self.grad_reducer: GradReducer | None = None
         out = weight_shape[0]
         self.bias = nn.Parameter(torch.zeros(out, device=device)) if bias else None
 
@@ -167,11 +193,10 @@ class _SlotMixin(nn.Module):
         """The dense weight this forward pass uses, differentiable w.r.t. the scores."""
         index = self.selected_index()
         if self.lean:
-            w = _SelectLean.apply(
-                self.scores, index, prng.layer_key(self.seed, self.layer), self.bound
-            )
+            key = prng.layer_key(self.seed, self.layer)
+            w = _SelectLean.apply(self.scores, index, key, self.bound, self.grad_reducer)
         else:
-            w = _SelectValues.apply(self.scores, self.bank, index)
+            w = _SelectValues.apply(self.scores, self.bank, index, self.grad_reducer)
         return w.view(self.weight_shape)
 
     def extra_repr(self) -> str:

@@ -348,6 +348,7 @@ def train(
     reporter: Reporter | None = None,
     distributed: bool = False,
     compile: bool = False,
+    grad_reduce: str = "scores",
 ) -> dict[str, Any]:
     """Train ``cfg`` into run folder ``out``; return the result record (also in result.json).
 
@@ -357,22 +358,29 @@ def train(
     ``distributed``: this process is one rank of a torchrun job (slotpack.distributed): the
     model is wrapped in DistributedDataParallel, each rank trains on its shard of every global
     batch of ``cfg.batch_size``, and only rank 0 evaluates, writes files and reports progress.
-    Every rank returns the same result.
+    Every rank returns the same result. ``grad_reduce`` ("scores" or "weights") is what travels:
+    see ``slotpack.distributed.wrap``.
     """
     cfg = cfg.resolved()
     dev = resolve_device(device)
     if not distributed:
         reporter = reporter or SilentReporter()
         return _train(cfg, Path(out), root, dev, resume, reporter, D.World(), compile=compile)
-    if cfg.step_in_backward:
+    if grad_reduce not in D.GRAD_REDUCE:
         raise ConfigError(
-            "--step-in-backward cannot be combined with --distributed: DDP averages gradients "
-            "after the per-parameter steps would already have run"
+            f"unknown gradient reduction {grad_reduce!r}; choose one of: {', '.join(D.GRAD_REDUCE)}"
+        )
+    if cfg.step_in_backward and grad_reduce != "weights":
+        raise ConfigError(
+            "--step-in-backward with --distributed needs --grad-reduce weights: DDP averages "
+            "score gradients after the per-parameter steps would already have run"
         )
     world, dev, created = D.start(dev)
     try:
         reporter = (reporter or SilentReporter()) if world.main else SilentReporter()
-        return _train(cfg, Path(out), root, dev, resume, reporter, world, ddp=True, compile=compile)
+        return _train(
+            cfg, Path(out), root, dev, resume, reporter, world, grad_reduce, compile=compile
+        )
     finally:
         if created:
             D.stop()
@@ -386,9 +394,10 @@ def _train(
     resume: bool,
     reporter: Reporter,
     world: D.World,
-    ddp: bool = False,
+    grad_reduce: str | None = None,
     compile: bool = False,
 ) -> dict[str, Any]:
+    """The loop; ``grad_reduce`` is None for a single process, else how ranks share gradients."""
     last_path = out / "last.pt"
     if resume:
         if not last_path.is_file():
@@ -405,6 +414,12 @@ def _train(
     generator = torch.Generator(device=dev)
     generator.manual_seed(cfg.seed % 2**63)
     net = _initial_model(cfg, dev)
+    model = net if grad_reduce is None else D.wrap(net, world, dev, grad_reduce)
+    if cfg.step_in_backward and model is not net:
+        raise ConfigError(
+            "--step-in-backward with --distributed works only for models whose only parameters "
+            f"are slot scores; {cfg.model} ({cfg.method}) has others that DDP must reduce first"
+        )
     opt = optim.sgd(
         net.parameters(),
         lr=cfg.lr,
@@ -439,11 +454,6 @@ def _train(
         _atomic_write_text(
             json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n", out / "config.json"
         )
-    model: torch.nn.Module = net
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     if compile:
         model = torch.compile(model)  # evaluation and checkpoints keep using ``net`` itself
 
@@ -493,12 +503,12 @@ def _train(
         reporter.epoch_end(record)
 
     extra: dict[str, Any] = {"train_count": len(train_data), "val_count": len(val_data)}
-    if ddp:
+    if grad_reduce is not None:
         digests = D.replica_digests(net, world)
-        extra.update(world_size=world.size, replica_digests=digests)
+        extra.update(world_size=world.size, grad_reduce=grad_reduce, replica_digests=digests)
     result = finish(out, root=root, device=dev, extra=extra) if world.main else None
     result = D.broadcast(result, world)
-    if ddp and len(set(result["replica_digests"])) != 1:
+    if grad_reduce is not None and len(set(result["replica_digests"])) != 1:
         raise D.ReplicaMismatchError(
             f"the {world.size} ranks ended with different parameters: {result['replica_digests']}"
         )

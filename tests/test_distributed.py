@@ -74,10 +74,23 @@ def test_distributed_outside_a_launcher_is_a_clear_error(mnist_root, tmp_path, m
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_train_like_one_process(mnist_root, tmp_path):
-    """torchrun, 2 CPU processes: identical replicas, and the single process's training."""
-    out = tmp_path / "ddp"
+def test_weight_gradient_reduction_equals_score_gradient_reduction():
+    """Averaging d loss/d w, then the straight-through product = averaging score gradients."""
+    x, y = torch.randn(10, 1, 28, 28), torch.randint(0, 10, (10,))
+    world = D.World(0, 2, 0)
+    score_grads, weight_grads = [], []
+    for r in range(2):
+        model = models.create("lenet300100", 4, seed=6)
+        model[1].grad_reducer = lambda g: weight_grads.append(g.clone()) or g
+        xs, ys = D.shard(x, y, D.World(r, 2, r))
+        (F.cross_entropy(model(xs), ys, reduction="sum") * D.loss_scale(10, world)).backward()
+        score_grads.append(model[1].scores.grad)
+    mean_scores = (score_grads[0] + score_grads[1]) / 2
+    via_w = ((weight_grads[0] + weight_grads[1]) / 2).unsqueeze(1) * model[1].bank
+    torch.testing.assert_close(via_w, mean_scores, rtol=1e-5, atol=1e-9)
+
+
+def _torchrun(mnist_root, out, *extra):
     cmd = [
         sys.executable,
         "-m",
@@ -104,13 +117,22 @@ def test_two_gloo_ranks_train_like_one_process(mnist_root, tmp_path):
         str(mnist_root),
         "--out",
         str(out),
+        *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reduce", ["scores", "weights"])
+def test_two_gloo_ranks_train_like_one_process(mnist_root, tmp_path, reduce):
+    """torchrun, 2 CPU processes: identical replicas, and the single process's training."""
+    out = tmp_path / "ddp"
+    proc = _torchrun(mnist_root, out, "--grad-reduce", reduce)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("(2 ranks)") == 1  # only rank 0 prints
     result = json.loads((out / "result.json").read_text())
-    assert result["world_size"] == 2
+    assert result["world_size"] == 2 and result["grad_reduce"] == reduce
     digests = result["replica_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
     ddp_last = load_checkpoint(out / "last.pt")
@@ -127,3 +149,14 @@ def test_two_gloo_ranks_train_like_one_process(mnist_root, tmp_path):
         agree = (other.argmax(1) == scores.argmax(1)).float().mean().item()
         assert agree > 0.999, (name, agree)
     assert TrainConfig(**RUN).resolved().to_dict() == ddp_last["config"]
+
+
+@pytest.mark.slow
+def test_two_ranks_step_in_backward_with_weight_reduction(mnist_root, tmp_path):
+    proc = _torchrun(mnist_root, tmp_path / "sib", "--grad-reduce", "weights", "--step-in-backward")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "sib" / "result.json").read_text())
+    assert len(set(result["replica_digests"])) == 1
+    refused = _torchrun(mnist_root, tmp_path / "no", "--step-in-backward")  # DDP over scores
+    assert refused.returncode != 0 and "--grad-reduce weights" in refused.stderr
+    assert not (tmp_path / "no").exists()
