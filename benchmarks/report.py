@@ -81,7 +81,8 @@ def step_section(records: list[dict[str, Any]]) -> list[str]:
         "max_memory_allocated, or on CPU the peak resident set (records before this "
         "session's step_time.py counted from before the model was built).",
         "",
-        "| device | model | K | impl | ms / step | vs reference | peak MiB | vs reference |",
+        "| device | model | K | impl | ms / step | speed vs reference | peak MiB | "
+        "memory vs reference |",
         "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in records:
@@ -91,7 +92,7 @@ def step_section(records: list[dict[str, Any]]) -> list[str]:
             base = ref.get((row["model"], row["k"]))
             t = m = "—"
             if base and row is not base:
-                t = f"{base['median_ms'] / row['median_ms']:.2f}x faster"
+                t = f"{base['median_ms'] / row['median_ms']:.2f}x"
                 m = f"{row['peak_mib'] / base['peak_mib']:.2f}x"
             dev = r["machine"].get("gpu") if row["device"] == "cuda" else "cpu"
             out.append(

@@ -168,14 +168,25 @@ def digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def replica_digests(module: torch.nn.Module, world: World) -> list[str]:
-    """Every rank's digest of ``module``, in rank order (all ranks must call this)."""
-    mine = digest(module)
+def gather(value: Any, world: World) -> list[Any]:
+    """Every rank's ``value``, in rank order (all ranks must call this)."""
     if world.size == 1:
-        return [mine]
+        return [value]
     every: list[Any] = [None] * world.size
-    dist.all_gather_object(every, mine)
+    dist.all_gather_object(every, value)
     return every
+
+
+def replica_digests(module: torch.nn.Module, world: World) -> list[str]:
+    """Every rank's digest of ``module``'s parameters, in rank order."""
+    return gather(digest(module), world)
+
+
+def packed_digests(model: torch.nn.Module, world: World) -> list[str]:
+    """Every rank's SHA-256 of the .slot bytes it would pack from its replica, in rank order."""
+    from .pack import pack_model
+
+    return gather(hashlib.sha256(pack_model(model)[0]).hexdigest(), world)
 
 
 def broadcast(obj: Any, world: World) -> Any:

@@ -506,11 +506,16 @@ def _train(
     if grad_reduce is not None:
         digests = D.replica_digests(net, world)
         extra.update(world_size=world.size, grad_reduce=grad_reduce, replica_digests=digests)
+        if cfg.method == "slot":
+            extra["packed_digests"] = D.packed_digests(net, world)
     result = finish(out, root=root, device=dev, extra=extra) if world.main else None
     result = D.broadcast(result, world)
-    if grad_reduce is not None and len(set(result["replica_digests"])) != 1:
+    if grad_reduce is not None and any(
+        len(set(result.get(key, ["-"]))) != 1 for key in ("replica_digests", "packed_digests")
+    ):
         raise D.ReplicaMismatchError(
-            f"the {world.size} ranks ended with different parameters: {result['replica_digests']}"
+            f"the {world.size} ranks ended with different parameters or packed files: "
+            f"{result['replica_digests']}, {result.get('packed_digests')}"
         )
     return result
 

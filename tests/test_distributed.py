@@ -135,6 +135,8 @@ def test_two_gloo_ranks_train_like_one_process(mnist_root, tmp_path, reduce):
     assert result["world_size"] == 2 and result["grad_reduce"] == reduce
     digests = result["replica_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
+    packed = result["packed_digests"]  # the .slot file is the same whichever rank packs
+    assert len(packed) == 2 and packed[0] == packed[1]
     ddp_last = load_checkpoint(out / "last.pt")
     model = models.create("lenet300100", 8)
     model.load_state_dict(ddp_last["model"])
