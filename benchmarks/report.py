@@ -299,9 +299,10 @@ def ddp_section(records: list[dict[str, Any]]) -> list[str]:
         "machine; the cores are split between the ranks. `scores`: DDP all-reduces the "
         "[connections, K] score gradients; `weights`: each slot layer all-reduces its "
         "[connections] weight gradient inside the backward pass, K times less traffic. Images per second of training after "
-        "the first epoch. This shows that DDP training works and what gloo's all-reduce of the "
-        "score gradients costs; the ranks share one machine's cores, so it is not a scaling "
-        "measurement.",
+        "the first epoch. This shows that data-parallel training works and what gloo's "
+        "all-reduce costs; the ranks share one machine's 2 cores (each rank gets one thread), "
+        "so it is not a scaling measurement. Test accuracies differ in the last digits "
+        "because summation order differs and an argmax can flip.",
         "",
         "| model | K | mode | threads / rank | images / s | vs one process | test acc | "
         "replicas identical |",

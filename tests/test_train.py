@@ -85,6 +85,20 @@ def test_compiled_training_matches_eager(mnist_root, tmp_path):
         assert torch.equal(a[k].argmax(1), b[k].argmax(1))
 
 
+@pytest.mark.parametrize("step_in_backward", [False, True])
+def test_bfloat16_runs_resume_exactly(mnist_root, tmp_path, step_in_backward):
+    cfg = TrainConfig(
+        **{**SMALL, "epochs": 2, "limit": 1000},
+        score_dtype="bfloat16",
+        step_in_backward=step_in_backward,
+    )
+    train(cfg, tmp_path / "straight", root=mnist_root, device="cpu")
+    train(replace(cfg, epochs=1), tmp_path / "resumed", root=mnist_root, device="cpu")
+    train(cfg, tmp_path / "resumed", root=mnist_root, device="cpu", resume=True)
+    a, b = _scores(tmp_path / "straight" / "last.pt"), _scores(tmp_path / "resumed" / "last.pt")
+    assert all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bfloat16_scores_train_pack_and_reload(mnist_root, tmp_path):
     from slotpack.pack import pack_checkpoint
     from slotpack.runtime import rebuild
