@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             out = args.runs / name
             record(name, cfg, out, root, args.device)
             if args.finetune and args.method == "slot":
-                ft = finetune_config(out, epochs=args.finetune)
+                ft = finetune_config(out, epochs=args.finetune, limit=args.limit)
                 record(
                     f"{name}_finetuned{args.finetune}",
                     ft,

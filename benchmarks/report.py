@@ -210,8 +210,10 @@ def accuracy_section(records: list[dict[str, Any]], hybrid: dict[str, dict]) -> 
 
 def _seed_summary(records: list[dict[str, Any]]) -> list[str]:
     groups: dict[tuple, list[float]] = {}
+    # options added after some records were written, at the value those records ran with
+    defaults = {"lean": False, "score_dtype": "float32", "step_in_backward": False}
     for r in records:
-        cfg = dict(r["config"])
+        cfg = {**defaults, **r["config"]}
         cfg.pop("seed")
         key = (
             cfg["model"],
