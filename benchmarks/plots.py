@@ -3,7 +3,10 @@
 - ``accuracy_vs_bits_<model>.png``: onnxruntime test accuracy against bits per connection (the
   whole file's size over its connections) for slot models, with the float32 and int8 baselines
   and, for Lenet-300-100, the published Deep Compression point (Han et al. 2016: 40x, 98.42%).
-- ``curves.png``: validation accuracy per epoch of the runs named in ``HEADLINE``.
+  Seed 0 and float32 scores only; points are joined (and coloured) per training regime
+  (training images and epochs), so short and long runs are never drawn as one curve.
+- ``curves.png``: validation accuracy per epoch of the headline runs (``HEADLINE`` models, K=8
+  or dense, seed 0), labelled with their training regime and device.
 """
 
 from __future__ import annotations
@@ -15,21 +18,43 @@ DEEP_COMPRESSION_LENET = (32 / 40, 0.9842)  # 40x smaller than float32, 98.42% (
 HEADLINE = ("lenet300100", "conv6", "vgg19")
 
 
+FULL_TRAIN = {"mnist": 51_000, "cifar10": 45_000}  # training images once validation is held out
+
+
+def _regime(r: dict[str, Any]) -> tuple[int, int]:
+    """(training images, epochs): points are only joined within one training regime. Older
+    records lack the count; without a --limit and not named a subset, they used the full set."""
+    n = r["result"].get("train_count")
+    if not n and r["config"].get("limit") is None and "subset" not in r["name"]:
+        n = FULL_TRAIN.get(r["config"]["dataset"])
+    return int(n or 0), int(r["result"]["epochs"])
+
+
+def _regime_label(regime: tuple[int, int]) -> str:
+    n, epochs = regime
+    return f"{epochs} ep" + (f", {n:,} train" if n else "")
+
+
 def _points(records: list[dict[str, Any]], model: str):
+    """Seed-0, float32-score points: slot (bits, acc, K, selection, regime), base (name, bits,
+    acc, regime)."""
     slot, base = [], []
     for r in records:
         cfg, dep = r["config"], r.get("deployed") or {}
-        if cfg["model"] != model or "onnx" not in dep:
+        if cfg["model"] != model or "onnx" not in dep or cfg["seed"] != 0:
+            continue
+        if cfg.get("score_dtype", "float32") != "float32":
             continue
         conns = r.get("connections")
         acc = dep["onnx"]["ort_test_acc"]
+        regime = _regime(r)
         if cfg["method"] == "slot" and "slot" in dep:
             bits = 8 * dep["slot"]["bytes"] / conns if conns else None
-            slot.append((bits, acc, cfg["k"], cfg["selection"]))
+            slot.append((bits, acc, cfg["k"], cfg["selection"], regime))
         elif cfg["method"] == "learned" and not cfg.get("init_from"):
-            base.append(("float32", 32.0, acc))
+            base.append(("float32", 32.0, acc, regime))
             if "int8_onnx" in dep:
-                base.append(("int8", 8.0, dep["int8_onnx"]["ort_test_acc"]))
+                base.append(("int8", 8.0, dep["int8_onnx"]["ort_test_acc"], regime))
     return slot, base
 
 
@@ -49,15 +74,22 @@ def accuracy_vs_bits(records: list[dict[str, Any]], folder: Path) -> list[Path]:
         slot, base = _points(records, model)
         if not slot:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for selection, marker in (("greedy", "o"), ("probabilistic", "s")):
-            pts = sorted((b, a, k) for b, a, k, s in slot if s == selection and b)
-            if pts:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        regimes = sorted({p[4] for p in slot} | {b[3] for b in base})
+        colors = {g: f"C{i % 10}" for i, g in enumerate(regimes)}
+        for regime in regimes:
+            for selection, marker in (("greedy", "o"), ("probabilistic", "s")):
+                pts = sorted(
+                    (b, a, k) for b, a, k, s, g in slot if s == selection and b and g == regime
+                )
+                if not pts:
+                    continue
                 ax.plot(
                     [p[0] for p in pts],
                     [100 * p[1] for p in pts],
                     marker=marker,
-                    label=f"slot ({selection})",
+                    color=colors[regime],
+                    label=f"slot ({selection}), {_regime_label(regime)}",
                 )
                 for b, a, k in pts:
                     ax.annotate(
@@ -67,13 +99,21 @@ def accuracy_vs_bits(records: list[dict[str, Any]], folder: Path) -> list[Path]:
                         xytext=(4, -10),
                         fontsize=8,
                     )
-        for name, bits, acc in base:
-            ax.scatter([bits], [100 * acc], marker="*", s=120, label=f"{name} baseline")
+        for name, bits, acc, regime in base:
+            ax.scatter(
+                [bits],
+                [100 * acc],
+                marker="*" if name == "float32" else "X",
+                s=120,
+                color=colors[regime],
+                label=f"{name} baseline, {_regime_label(regime)}",
+            )
         if model == "lenet300100":
             ax.scatter(
                 [DEEP_COMPRESSION_LENET[0]],
                 [100 * DEEP_COMPRESSION_LENET[1]],
                 marker="D",
+                color="black",
                 label="Deep Compression (published)",
             )
         ax.set_xscale("log", base=2)
@@ -81,7 +121,7 @@ def accuracy_vs_bits(records: list[dict[str, Any]], folder: Path) -> list[Path]:
         ax.set_ylabel("test accuracy, onnxruntime (%)")
         ax.set_title(f"{model} ({conns:,} connections)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         path = folder / f"accuracy_vs_bits_{model}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -96,7 +136,13 @@ def curves(records: list[dict[str, Any]], folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in records if r["config"]["model"] in HEADLINE and r.get("curve")]
+    def headline(r: dict[str, Any]) -> bool:  # seed 0, float32 scores, K=8 or dense
+        cfg = r["config"]
+        slot_ok = cfg["method"] != "slot" or cfg["k"] == 8
+        plain = cfg.get("score_dtype", "float32") == "float32" and cfg["seed"] == 0
+        return cfg["model"] in HEADLINE and bool(r.get("curve")) and slot_ok and plain
+
+    runs = [r for r in records if headline(r)]
     if not runs:
         return []
     fig, axes = plt.subplots(1, len(HEADLINE), figsize=(5 * len(HEADLINE), 3.6))
@@ -109,10 +155,11 @@ def curves(records: list[dict[str, Any]], folder: Path) -> list[Path]:
             if cfg.get("init_from"):
                 label = "finetuned"
             epochs = [c["epoch"] for c in r["curve"]]
+            where = r["machine"].get("gpu") or "cpu"
             ax.plot(
                 epochs,
                 [100 * c["val_acc"] for c in r["curve"]],
-                label=f"{label}, {cfg['schedule']}",
+                label=f"{label}, {cfg['schedule']}, {_regime_label(_regime(r))}, {where}",
             )
         ax.set_title(model)
         ax.set_xlabel("epoch")
