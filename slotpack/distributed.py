@@ -82,6 +82,14 @@ def start(device: torch.device) -> tuple[World, torch.device, bool]:
 GRAD_REDUCE = ("scores", "weights")
 
 
+def check_grad_reduce(name: str) -> None:
+    """A ConfigError naming the valid choices unless ``name`` is one of GRAD_REDUCE."""
+    if name not in GRAD_REDUCE:
+        raise ConfigError(
+            f"unknown gradient reduction {name!r}; choose one of: {', '.join(GRAD_REDUCE)}"
+        )
+
+
 class WeightGradReducer:
     """Averages d loss / d w over the ranks inside a slot layer's backward.
 
@@ -111,10 +119,7 @@ def wrap(
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    if grad_reduce not in GRAD_REDUCE:
-        raise ConfigError(
-            f"unknown gradient reduction {grad_reduce!r}; choose one of: {', '.join(GRAD_REDUCE)}"
-        )
+    check_grad_reduce(grad_reduce)
     ignored: list[str] = []
     if grad_reduce == "weights":
         reducer = WeightGradReducer(world)

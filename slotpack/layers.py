@@ -27,6 +27,13 @@ SELECTIONS = ("greedy", "probabilistic")
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def score_torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``--score-dtype`` name; a ConfigError names the valid ones."""
+    if name not in SCORE_DTYPES:
+        raise ConfigError(f"unknown score dtype {name!r}; choose one of: {', '.join(SCORE_DTYPES)}")
+    return SCORE_DTYPES[name]
+
+
 # Elements per block of the score gradient: bounds the float32 and int64 temporaries of a
 # backward pass to a few tens of MiB whatever the layer size.
 _GRAD_BLOCK = 1 << 22
@@ -90,15 +97,15 @@ class _SelectLean(torch.autograd.Function):
         ctx,
         scores: torch.Tensor,
         index: torch.Tensor,
-        key: int,
+        seed: int,
+        layer: int,
         bound: float,
         reducer: GradReducer | None = None,
     ) -> torch.Tensor:
-        n, k = scores.shape
-        ctx.key, ctx.bound, ctx.k, ctx.dtype = key, bound, k, scores.dtype
+        k = scores.shape[1]
+        ctx.key, ctx.bound, ctx.k, ctx.dtype = prng.layer_key(seed, layer), bound, k, scores.dtype
         ctx.reducer = reducer
-        counters = torch.arange(n, dtype=torch.int64, device=scores.device) * k + index
-        return prng.values_torch(key, counters, bound)
+        return prng.selected_torch(seed, layer, index, k, bound)
 
     @staticmethod
     def backward(ctx, grad_w: torch.Tensor):
@@ -108,7 +115,7 @@ class _SelectLean(torch.autograd.Function):
             return prng.values_range_torch(ctx.key, a * k, b * k, ctx.bound, dev).view(b - a, k)
 
         grad_w = _reduced(grad_w, ctx.reducer)
-        return _score_grad(grad_w, k, values, ctx.dtype), None, None, None, None
+        return _score_grad(grad_w, k, values, ctx.dtype), None, None, None, None, None
 
 
 def _gumbel_argmax(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -119,9 +126,7 @@ def _gumbel_argmax(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (scores.float() - u.log_().neg_().log_()).argmax(1)
 
 
-def select_index(
-    scores: torch.Tensor, selection: str, sample: bool, draw_key: int | None = None
-) -> torch.Tensor:
+def select_index(scores: torch.Tensor, selection: str, sample: bool, draw_key: int) -> torch.Tensor:
     """Index of the chosen value per connection.
 
     Greedy: argmax. Probabilistic while ``sample`` (training): a fresh draw from softmax(scores)
@@ -135,8 +140,6 @@ def select_index(
         if selection == "probabilistic":
             if sample:
                 return _gumbel_argmax(scores, torch.rand(scores.shape, device=scores.device))
-            if draw_key is None:
-                raise ConfigError("a fixed draw needs its generator key")
             u = prng.uniform_torch(draw_key, scores.numel(), scores.device).view(scores.shape)
             return _gumbel_argmax(scores, u)
         return scores.argmax(1)
@@ -168,14 +171,11 @@ class _SlotMixin(nn.Module):
             )
         self.weight_shape = tuple(weight_shape)
         self.k, self.seed, self.layer, self.selection = k, seed, layer, selection
-        if score_dtype not in SCORE_DTYPES:
-            raise ConfigError(
-                f"unknown score dtype {score_dtype!r}; choose one of: {', '.join(SCORE_DTYPES)}"
-            )
+        dtype = score_torch_dtype(score_dtype)
         self.bound = prng.glorot_bound(*fans)
         n = math.prod(weight_shape)
         scores = prng.initial_scores_torch(seed, layer, n, k, self.bound, device)
-        self.scores = nn.Parameter(scores.to(SCORE_DTYPES[score_dtype]))
+        self.scores = nn.Parameter(scores.to(dtype))
         self.lean = lean
         bank = None if lean else prng.bank_torch(seed, layer, n, k, self.bound, device)
         self.register_buffer("bank", bank, persistent=False)
@@ -193,8 +193,9 @@ class _SlotMixin(nn.Module):
         """The dense weight this forward pass uses, differentiable w.r.t. the scores."""
         index = self.selected_index()
         if self.lean:
-            key = prng.layer_key(self.seed, self.layer)
-            w = _SelectLean.apply(self.scores, index, key, self.bound, self.grad_reducer)
+            w = _SelectLean.apply(
+                self.scores, index, self.seed, self.layer, self.bound, self.grad_reducer
+            )
         else:
             w = _SelectValues.apply(self.scores, self.bank, index, self.grad_reducer)
         return w.view(self.weight_shape)

@@ -13,7 +13,7 @@ from torch import nn
 from . import arch as A
 from . import prng
 from .errors import ConfigError
-from .layers import SCORE_DTYPES, SELECTIONS, SlotConv2d, SlotLinear
+from .layers import SELECTIONS, SlotConv2d, SlotLinear, score_torch_dtype
 
 METHODS = ("slot", "learned")
 SlotLayer = SlotLinear | SlotConv2d
@@ -161,10 +161,7 @@ def create(
         raise ConfigError(f"K must be >= 2, got {k}")
     if not 0 <= seed < 2**64:
         raise ConfigError(f"seed must be in [0, 2**64), got {seed}")
-    if score_dtype not in SCORE_DTYPES:
-        raise ConfigError(
-            f"unknown score dtype {score_dtype!r}; choose one of: {', '.join(SCORE_DTYPES)}"
-        )
+    score_torch_dtype(score_dtype)
     return Net(A.get(name), method, k, selection, seed, device, lean, score_dtype)
 
 

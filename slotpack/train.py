@@ -27,7 +27,7 @@ from . import arch as A
 from . import distributed as D
 from .atomic import replacing, write_bytes
 from .errors import CheckpointError, ConfigError
-from .layers import SCORE_DTYPES
+from .layers import score_torch_dtype
 
 CHECKPOINT_VERSION = 1
 SCHEDULES = ("constant", "cosine", "step")
@@ -87,10 +87,7 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.seed < 2**64:
             raise ConfigError(f"seed must be in [0, 2**64), got {self.seed}")
-        if self.score_dtype not in SCORE_DTYPES:
-            raise ConfigError(
-                f"unknown score dtype {self.score_dtype!r}; choose one of: {', '.join(SCORE_DTYPES)}"
-            )
+        score_torch_dtype(self.score_dtype)
         if self.method != "slot" and self.score_dtype != "float32":
             raise ConfigError("--score-dtype applies to slot models; learned models have no scores")
 
@@ -316,22 +313,23 @@ def _epoch(
         with _autocast(device):
             logits = model(_prepare(x)).float()
             if world.size == 1:
-                summed = None
                 loss = F.cross_entropy(logits, y)
+                summed = loss.detach().double() * y.shape[0]
             else:
                 summed = F.cross_entropy(logits, y, reduction="sum")
                 loss = summed * scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        batch_loss = loss.detach().double() * y.shape[0] if summed is None else summed.double()
-        loss_sum += batch_loss.detach()
+        loss_sum += summed.detach().double()
         correct += (logits.detach().argmax(1) == y).sum()
         seen += y.shape[0]
         reporter.step()
-    totals = D.all_sum(torch.stack([loss_sum, correct.double(), seen.double()]), world)
-    n = max(totals[2].item(), 1.0)
-    return totals[0].item() / n, totals[1].item() / n
+    total_loss, total_correct, total_seen = D.all_sum(
+        torch.stack([loss_sum, correct.double(), seen.double()]), world
+    ).tolist()  # the epoch's one host synchronisation
+    n = max(total_seen, 1.0)
+    return total_loss / n, total_correct / n
 
 
 def _steps(n: int, batch_size: int) -> int:
@@ -366,10 +364,7 @@ def train(
     if not distributed:
         reporter = reporter or SilentReporter()
         return _train(cfg, Path(out), root, dev, resume, reporter, D.World(), compile=compile)
-    if grad_reduce not in D.GRAD_REDUCE:
-        raise ConfigError(
-            f"unknown gradient reduction {grad_reduce!r}; choose one of: {', '.join(D.GRAD_REDUCE)}"
-        )
+    D.check_grad_reduce(grad_reduce)
     if cfg.step_in_backward and grad_reduce != "weights":
         raise ConfigError(
             "--step-in-backward with --distributed needs --grad-reduce weights: DDP averages "
