@@ -9,7 +9,7 @@ export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 SLOTPACK_RESULTS="$OUT/results"
 DEV="${DEVICE:-cuda}" MODELS="${MODELS:-vgg19}" STEPS="${STEPS:-20}"
 mkdir -p "$SLOTPACK_RESULTS"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU: $DEV"
-IMPLS="reference slotpack lean lean+sib lean+sib+bf16 learned"
+IMPLS="reference slotpack lean lean-torch lean+sib lean+sib+bf16 learned"
 for K in 8 64; do
   echo "== $(date -u +%T) K=$K float32"
   python3 -m benchmarks.step_time --models $MODELS --k "$K" --impls $IMPLS --device "$DEV" \

@@ -77,7 +77,9 @@ def step_section(records: list[dict[str, Any]]) -> list[str]:
         "",
         "The reference approach is benchmarks/reference_slot.py, a faithful re-implementation of "
         "`sum(weight * one_hot(argmax(scores)), -1)`; `slotpack` is our gather layer with a "
-        "stored bank; `lean` keeps no bank; `lean+sib` also applies SGD inside the backward "
+        "stored bank; `lean` keeps no bank (on CUDA it runs the fused Triton kernels where they "
+        "pass their self-check; the `kernel` column says what ran); `lean-torch` is lean on "
+        "plain torch ops; `lean+sib` also applies SGD inside the backward "
         "pass (no full score gradient); `lean+sib+bf16` also keeps scores and momentum in "
         "bfloat16 (stochastic rounding); `learned` is the dense float32 twin. Median "
         "of the timed steps (forward, backward, SGD with momentum; batch of random images); rows "
@@ -101,8 +103,9 @@ def step_section(records: list[dict[str, Any]]) -> list[str]:
                 t = f"{base['median_ms'] / row['median_ms']:.2f}x"
                 m = f"{row['peak_mib'] / base['peak_mib']:.2f}x"
             dev = r["machine"].get("gpu") if row["device"] == "cuda" else "cpu"
+            impl = row["impl"] + (" (triton)" if row.get("kernel") == "triton" else "")
             out.append(
-                f"| {dev} | {row['model']} | {row['k']} | {row['impl']} | "
+                f"| {dev} | {row['model']} | {row['k']} | {impl} | "
                 f"{row['median_ms']:.2f} | {t} | {row['peak_mib']:.0f} | {m} |"
             )
     return out + ["", *_provenance(records), ""]

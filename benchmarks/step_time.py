@@ -12,7 +12,9 @@ times are slower for it; the ``median_ms`` times come from the parent, without i
 implementations take turns step by step (``median_ms``), because this 2-core machine's speed
 drifts by up to 4x between runs; the standalone medians are kept as ``alone_median_ms``. A step is forward + backward + SGD(momentum) on a batch of
 random images (never zeros). Implementations: ``slotpack`` (gather + straight-through),
-``lean`` (slotpack's lean mode: no stored bank, values regenerated in forward and backward),
+``lean`` (slotpack's lean mode: no stored bank, values regenerated in forward and backward;
+on CUDA by the fused Triton kernels of slotpack/kernels.py, elsewhere by torch ops),
+``lean-torch`` (lean forced onto the torch ops, to measure what the kernels buy on CUDA),
 ``lean+sib`` (lean, and the SGD step applied per layer inside the backward pass, so the full
 score gradient never exists), ``lean+sib+bf16`` (the same with bfloat16 scores and momentum,
 stochastically rounded), ``reference`` (benchmarks/reference_slot.py: sum(weight * one_hot, -1)), ``learned`` (the dense
@@ -28,12 +30,13 @@ import subprocess
 import sys
 import time
 
-IMPLS = ("slotpack", "lean", "lean+sib", "lean+sib+bf16", "reference", "learned")
-_SLOT_OPTIONS = {  # slot implementations: (models.create options, step inside backward)
-    "slotpack": ({}, False),
-    "lean": ({"lean": True}, False),
-    "lean+sib": ({"lean": True}, True),
-    "lean+sib+bf16": ({"lean": True, "score_dtype": "bfloat16"}, True),
+IMPLS = ("slotpack", "lean", "lean-torch", "lean+sib", "lean+sib+bf16", "reference", "learned")
+_SLOT_OPTIONS = {  # slot implementations: (models.create options, step inside backward, kernel)
+    "slotpack": ({}, False, "auto"),
+    "lean": ({"lean": True}, False, "auto"),
+    "lean-torch": ({"lean": True}, False, "torch"),
+    "lean+sib": ({"lean": True}, True, "auto"),
+    "lean+sib+bf16": ({"lean": True, "score_dtype": "bfloat16"}, True, "auto"),
 }
 
 
@@ -71,11 +74,12 @@ def _build(model_name: str, impl: str, k: int, dev, x):
     import torch
 
     from benchmarks.reference_slot import to_reference
-    from slotpack import models, optim
+    from slotpack import layers, models, optim
 
     method = "learned" if impl == "learned" else "slot"
-    options, in_backward = _SLOT_OPTIONS.get(impl, ({}, False))
+    options, in_backward, kernel = _SLOT_OPTIONS.get(impl, ({}, False, "auto"))
     model = models.create(model_name, k, method=method, seed=0, device=dev, **options)
+    layers.set_kernel(model, kernel)
     check = None
     if impl == "reference":
         ours = model
@@ -166,7 +170,16 @@ def measure_one(
         "alone_median_ms": statistics.median(times),
         "peak_mib": peak - base,
         "reference_max_abs_diff": check,
+        "kernel": _kernel_used(impl, dev),
     }
+
+
+def _kernel_used(impl: str, dev) -> str | None:
+    """What a lean implementation ran on ``dev``: "triton" or "torch" (None when not lean)."""
+    from slotpack import kernels
+
+    options, _, kernel = _SLOT_OPTIONS.get(impl, ({}, False, "auto"))
+    return kernels.resolve(kernel, dev) if options.get("lean") else None
 
 
 def interleaved(

@@ -154,6 +154,14 @@ def data_cmd(name: str, root: Path | None) -> None:
     "--compile", "compile_", is_flag=True, help="Run training steps through torch.compile."
 )
 @click.option(
+    "--kernel",
+    type=click.Choice(["auto", "torch", "triton"]),
+    default="auto",
+    show_default=True,
+    help="What --lean layers run: fused Triton kernels (CUDA) or plain torch; auto picks Triton "
+    "where it runs and matches torch bit for bit. Results are identical.",
+)
+@click.option(
     "--distributed",
     is_flag=True,
     help="Data-parallel over the ranks of a torchrun job (automatic under torchrun).",
@@ -177,6 +185,7 @@ def train_cmd(
     distributed: bool,
     grad_reduce: str,
     compile_: bool,
+    kernel: str,
     **options: Any,
 ) -> None:
     """Train a zoo model (slot network, or --method learned for the float32 baseline).
@@ -205,6 +214,7 @@ def train_cmd(
         distributed=distributed,
         compile=compile_,
         grad_reduce=grad_reduce,
+        kernel=kernel,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         ranks = f" ({result['world_size']} ranks)" if "world_size" in result else ""

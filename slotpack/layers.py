@@ -4,7 +4,7 @@ The value bank is regenerated from (seed, layer) on the layer's device and never
 scores [connections, K] (and an optional bias) are parameters. In lean mode the bank is not even
 kept in memory: the forward pass generates only each connection's selected value, and the backward
 pass regenerates the K values it needs for the score gradient, block by block (bit-identical
-results). The forward pass gathers the selected value per connection (no K-times one-hot
+results); on CUDA fused Triton kernels (slotpack.kernels) do both in one pass each. The forward pass gathers the selected value per connection (no K-times one-hot
 product); the backward pass is the straight-through rule
 d loss / d score[i, k] = d loss / d w[i] * value[i, k].
 Scores may be stored in bfloat16 (half the memory of scores, their gradient and momentum); the
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import prng
+from . import kernels, prng
 from .errors import ConfigError
 
 SELECTIONS = ("greedy", "probabilistic")
@@ -90,32 +90,45 @@ class _SelectValues(torch.autograd.Function):
 
 
 class _SelectLean(torch.autograd.Function):
-    """The same function as _SelectValues with no stored bank: values come from the generator."""
+    """The same function as _SelectValues with no stored bank: values come from the generator.
+
+    ``fused``: the fused Triton kernels (slotpack.kernels) instead of the torch half; with
+    ``index`` None they also take the argmax of the scores (greedy selection) in the same pass.
+    """
 
     @staticmethod
     def forward(
         ctx,
         scores: torch.Tensor,
-        index: torch.Tensor,
+        index: torch.Tensor | None,
         seed: int,
         layer: int,
         bound: float,
         reducer: GradReducer | None = None,
+        fused: bool = False,
     ) -> torch.Tensor:
         k = scores.shape[1]
-        ctx.key, ctx.bound, ctx.k, ctx.dtype = prng.layer_key(seed, layer), bound, k, scores.dtype
-        ctx.reducer = reducer
-        return prng.selected_torch(seed, layer, index, k, bound)
+        key = prng.layer_key(seed, layer)
+        ctx.key, ctx.bound, ctx.k, ctx.dtype = key, bound, k, scores.dtype
+        ctx.reducer, ctx.fused = reducer, fused
+        if not fused:
+            return prng.selected_torch(seed, layer, index, k, bound)
+        if index is None:
+            return kernels.select_greedy(scores, key, bound)
+        return kernels.selected(scores, index, key, bound)
 
     @staticmethod
     def backward(ctx, grad_w: torch.Tensor):
         k, dev = ctx.k, grad_w.device
+        grad_w = _reduced(grad_w, ctx.reducer)
+        if ctx.fused:
+            grad = kernels.score_grad(grad_w, k, ctx.key, ctx.bound, ctx.dtype)
+            return grad, None, None, None, None, None, None
 
         def values(a: int, b: int) -> torch.Tensor:
             return prng.values_range_torch(ctx.key, a * k, b * k, ctx.bound, dev).view(b - a, k)
 
-        grad_w = _reduced(grad_w, ctx.reducer)
-        return _score_grad(grad_w, k, values, ctx.dtype), None, None, None, None, None
+        return _score_grad(grad_w, k, values, ctx.dtype), None, None, None, None, None, None
 
 
 def _gumbel_argmax(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -177,6 +190,9 @@ class _SlotMixin(nn.Module):
         scores = prng.initial_scores_torch(seed, layer, n, k, self.bound, device)
         self.scores = nn.Parameter(scores.to(dtype))
         self.lean = lean
+        # Which code a lean layer runs ("auto", "torch", "triton"; slotpack.kernels); results
+        # are bit-identical, so this is an execution setting, not part of the model.
+        self.kernel = "auto"
         bank = None if lean else prng.bank_torch(seed, layer, n, k, self.bound, device)
         self.register_buffer("bank", bank, persistent=False)
         # Set by data-parallel training to average d loss / d w over ranks (see _reduced).
@@ -191,12 +207,15 @@ class _SlotMixin(nn.Module):
 
     def weight(self) -> torch.Tensor:
         """The dense weight this forward pass uses, differentiable w.r.t. the scores."""
-        index = self.selected_index()
         if self.lean:
+            fused = kernels.resolve(self.kernel, self.scores.device) == "triton"
+            # The fused kernel takes the greedy argmax itself, in the same pass as the values.
+            index = None if fused and self.selection == "greedy" else self.selected_index()
             w = _SelectLean.apply(
-                self.scores, index, self.seed, self.layer, self.bound, self.grad_reducer
+                self.scores, index, self.seed, self.layer, self.bound, self.grad_reducer, fused
             )
         else:
+            index = self.selected_index()
             w = _SelectValues.apply(self.scores, self.bank, index, self.grad_reducer)
         return w.view(self.weight_shape)
 
@@ -207,6 +226,15 @@ class _SlotMixin(nn.Module):
             f"K={self.k}, seed={self.seed}, layer={self.layer}, selection={self.selection}"
             f"{lean}{dtype}"
         )
+
+
+def set_kernel(module: nn.Module, kernel: str) -> int:
+    """Make every lean slot layer in ``module`` run ``kernel``; returns how many slot layers."""
+    kernels.check_kernel(kernel)
+    layers = [m for m in module.modules() if isinstance(m, _SlotMixin)]
+    for m in layers:
+        m.kernel = kernel
+    return len(layers)
 
 
 class SlotLinear(_SlotMixin):

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from . import __version__, data, models, optim
+from . import __version__, data, kernels, layers, models, optim
 from . import arch as A
 from . import distributed as D
 from .atomic import replacing, write_bytes
@@ -347,11 +347,16 @@ def train(
     distributed: bool = False,
     compile: bool = False,
     grad_reduce: str = "scores",
+    kernel: str = "auto",
 ) -> dict[str, Any]:
     """Train ``cfg`` into run folder ``out``; return the result record (also in result.json).
 
     ``compile``: run the training steps through ``torch.compile`` (same function; the first
     steps pay the compilation).
+
+    ``kernel``: the code lean slot layers run (slotpack.kernels): "auto" (fused Triton kernels
+    on CUDA where they match the torch generator, else torch), "torch" or "triton". Results
+    are bit-identical whichever runs.
 
     ``distributed``: this process is one rank of a torchrun job (slotpack.distributed): the
     model is wrapped in DistributedDataParallel, each rank trains on its shard of every global
@@ -361,9 +366,15 @@ def train(
     """
     cfg = cfg.resolved()
     dev = resolve_device(device)
+    kernels.check_kernel(kernel)
+    if kernel == "triton" and not cfg.lean:
+        raise ConfigError("--kernel triton runs lean slot layers; add --lean")
+    if cfg.lean:
+        kernels.resolve(kernel, dev)  # an explicit "triton" that cannot run fails before any work
     if not distributed:
         reporter = reporter or SilentReporter()
-        return _train(cfg, Path(out), root, dev, resume, reporter, D.World(), compile=compile)
+        world = D.World()
+        return _train(cfg, Path(out), root, dev, resume, reporter, world, None, compile, kernel)
     D.check_grad_reduce(grad_reduce)
     if cfg.step_in_backward and grad_reduce != "weights":
         raise ConfigError(
@@ -374,7 +385,7 @@ def train(
     try:
         reporter = (reporter or SilentReporter()) if world.main else SilentReporter()
         return _train(
-            cfg, Path(out), root, dev, resume, reporter, world, grad_reduce, compile=compile
+            cfg, Path(out), root, dev, resume, reporter, world, grad_reduce, compile, kernel
         )
     finally:
         if created:
@@ -391,6 +402,7 @@ def _train(
     world: D.World,
     grad_reduce: str | None = None,
     compile: bool = False,
+    kernel: str = "auto",
 ) -> dict[str, Any]:
     """The loop; ``grad_reduce`` is None for a single process, else how ranks share gradients."""
     last_path = out / "last.pt"
@@ -409,6 +421,7 @@ def _train(
     generator = torch.Generator(device=dev)
     generator.manual_seed(cfg.seed % 2**63)
     net = _initial_model(cfg, dev)
+    layers.set_kernel(net, kernel)
     model = net if grad_reduce is None else D.wrap(net, world, dev, grad_reduce)
     if cfg.step_in_backward and model is not net:
         raise ConfigError(
@@ -498,6 +511,8 @@ def _train(
         reporter.epoch_end(record)
 
     extra: dict[str, Any] = {"train_count": len(train_data), "val_count": len(val_data)}
+    if cfg.lean:  # what ran, for reading epoch times (the numbers are the same either way)
+        extra["kernel"] = kernels.resolve(kernel, dev)
     if grad_reduce is not None:
         digests = D.replica_digests(net, world)
         extra.update(world_size=world.size, grad_reduce=grad_reduce, replica_digests=digests)

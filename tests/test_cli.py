@@ -131,6 +131,13 @@ def test_env_var_sets_the_data_root(run, mnist_root, tmp_path, monkeypatch):
             + ["--out", "x"],
             ["no scores"],
         ),
+        (["train", "--model", "conv2", "--kernel", "fast", "--out", "x"], ["fast", "triton"]),
+        (["train", "--model", "conv2", "--kernel", "triton", "--out", "x"], ["add --lean"]),
+        (
+            ["train", "--model", "conv2", "--lean", "--kernel", "triton", "--device", "cpu"]
+            + ["--out", "x"],
+            ["needs a CUDA device"],
+        ),
         (["eval", "does-not-exist"], ["no checkpoint"]),
         (["data", "imagenet"], ["imagenet"]),
     ],
