@@ -170,16 +170,16 @@ def measure_one(
         "alone_median_ms": statistics.median(times),
         "peak_mib": peak - base,
         "reference_max_abs_diff": check,
-        "kernel": _kernel_used(impl, dev),
+        "kernel": _kernel_used(impl, dev, k),
     }
 
 
-def _kernel_used(impl: str, dev) -> str | None:
+def _kernel_used(impl: str, dev, k: int) -> str | None:
     """What a lean implementation ran on ``dev``: "triton" or "torch" (None when not lean)."""
     from slotpack import kernels
 
     options, _, kernel = _SLOT_OPTIONS.get(impl, ({}, False, "auto"))
-    return kernels.resolve(kernel, dev) if options.get("lean") else None
+    return kernels.resolve(kernel, dev, k) if options.get("lean") else None
 
 
 def interleaved(

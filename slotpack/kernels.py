@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 KERNELS = ("auto", "torch", "triton")
 
 
+class KernelMismatchError(ConfigError):
+    """A Triton kernel gave different bits from the torch generator on this device."""
+
+
 @functools.cache
 def _triton():
     """The triton module, or None where it is not installed or cannot be imported."""
@@ -61,8 +65,8 @@ def supported(device: torch.device) -> bool:
     return device.type == "cuda" or (interpreting() and device.type == "cpu")
 
 
-def resolve(kernel: str, device: torch.device) -> str:
-    """The kernel a lean layer uses on ``device``: "torch" or "triton".
+def resolve(kernel: str, device: torch.device, k: int) -> str:
+    """The kernel a lean layer with K values per connection uses on ``device``: torch or triton.
 
     "auto" is Triton where it runs and matches the torch half (``self_check``), else torch with
     a warning; "triton" raises instead of falling back.
@@ -74,28 +78,27 @@ def resolve(kernel: str, device: torch.device) -> str:
         if not supported(device):
             missing = "" if _triton() is not None else " (triton is not importable)"
             raise ConfigError(f"--kernel triton needs a CUDA device, got {device.type}{missing}")
-        self_check(device)
+        self_check(device, k)
         return "triton"
-    return _auto(str(device))
+    return _auto(str(device), k)
 
 
 @functools.cache
-def _auto(device_key: str) -> str:
+def _auto(device_key: str, k: int) -> str:
     import torch
 
     device = torch.device(device_key)
     if not supported(device):
         return "torch"
     try:
-        self_check(device)
+        self_check(device, k)
     except Exception as e:  # noqa: BLE001 - a kernel that fails here must not stop training
-        warnings.warn(f"Triton kernels unusable on {device_key}, using torch: {e}", stacklevel=2)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        warnings.warn(
+            f"Triton kernels unusable on {device_key}, using torch: {first}", stacklevel=2
+        )
         return "torch"
     return "triton"
-
-
-class KernelMismatchError(ConfigError):
-    """A Triton kernel gave different bits from the torch generator on this device."""
 
 
 def _jit():
@@ -172,43 +175,39 @@ def score_grad(
 
 
 @functools.cache
-def _checked(device_key: str) -> None:
-    """Compare every kernel with the torch half once per device (raises KernelMismatchError)."""
+def _checked(device_key: str, k: int) -> None:
+    """Compare every kernel with the torch half once per device and K (KernelMismatchError)."""
     import torch
 
     device = torch.device(device_key)
     key, bound = prng.layer_key(2**63 + 12345, 3), prng.glorot_bound(300, 100)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    for k in (2, 3, 8):
-        n = 3000 + k
-        scores = torch.rand((n, k), generator=gen).to(device)
-        scores[::7, 1] = scores[::7, 0]  # ties go to the lowest index
-        index = scores.argmax(1)
-        counters = torch.arange(n, dtype=torch.int64, device=device) * k + index
-        want = prng.values_torch(key, counters, bound)
-        grad_w = torch.randn(n, generator=gen).to(device)
-        bank = prng.values_range_torch(key, 0, n * k, bound, device).view(n, k)
-        for name, got, ref in (
-            ("select_greedy", select_greedy(scores, key, bound), want),
-            ("selected", selected(scores, index, key, bound), want),
-            (
-                "score_grad",
-                score_grad(grad_w, k, key, bound, torch.float32),
-                bank * grad_w[:, None],
-            ),
-            (
-                "score_grad bfloat16",
-                score_grad(grad_w, k, key, bound, torch.bfloat16),
-                (bank * grad_w[:, None]).to(torch.bfloat16),
-            ),
-        ):
-            if not torch.equal(got, ref):
-                raise KernelMismatchError(
-                    f"the Triton kernel {name} (K={k}) differs from the torch generator on "
-                    f"{device_key}; use --kernel torch and report this"
-                )
+    # Rows not a multiple of a block; float32 and bfloat16 scores and gradients: the compiled
+    # variants a layer of this K runs.
+    n = 3001 + _blocks(k)[0]
+    scores = torch.rand((n, k), generator=gen).to(device)
+    scores[::7, 1] = scores[::7, 0]  # ties go to the lowest index
+    grad_w = torch.randn(n, generator=gen).to(device)
+    bank = prng.values_range_torch(key, 0, n * k, bound, device).view(n, k)
+    rows = torch.arange(n, device=device)
+    half = scores.to(torch.bfloat16)
+    checks = [
+        ("select_greedy", select_greedy(scores, key, bound), bank[rows, scores.argmax(1)]),
+        ("select_greedy bfloat16", select_greedy(half, key, bound), bank[rows, half.argmax(1)]),
+        ("selected", selected(scores, half.argmax(1), key, bound), bank[rows, half.argmax(1)]),
+    ]
+    for dtype in (torch.float32, torch.bfloat16):
+        want = (bank * grad_w[:, None]).to(dtype)
+        checks.append((f"score_grad {dtype}", score_grad(grad_w, k, key, bound, dtype), want))
+    for name, got, want in checks:
+        if not torch.equal(got, want):
+            raise KernelMismatchError(
+                f"the Triton kernel {name} (K={k}) differs from the torch generator on "
+                f"{device_key}; use --kernel torch and report this"
+            )
 
 
-def self_check(device: torch.device) -> None:
-    """Raise KernelMismatchError unless the kernels match the torch half bit for bit on ``device``."""
-    _checked(str(device))
+def self_check(device: torch.device, k: int) -> None:
+    """Raise KernelMismatchError unless the kernels for K values per connection match the torch
+    half bit for bit on ``device`` (once per device and K; compiles what such layers run)."""
+    _checked(str(device), k)

@@ -208,7 +208,7 @@ class _SlotMixin(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense weight this forward pass uses, differentiable w.r.t. the scores."""
         if self.lean:
-            fused = kernels.resolve(self.kernel, self.scores.device) == "triton"
+            fused = kernels.resolve(self.kernel, self.scores.device, self.k) == "triton"
             # The fused kernel takes the greedy argmax itself, in the same pass as the values.
             index = None if fused and self.selection == "greedy" else self.selected_index()
             w = _SelectLean.apply(

@@ -370,7 +370,9 @@ def train(
     if kernel == "triton" and not cfg.lean:
         raise ConfigError("--kernel triton runs lean slot layers; add --lean")
     if cfg.lean:
-        kernels.resolve(kernel, dev)  # an explicit "triton" that cannot run fails before any work
+        kernels.resolve(
+            kernel, dev, cfg.k
+        )  # an explicit "triton" that cannot run fails before any work
     if not distributed:
         reporter = reporter or SilentReporter()
         world = D.World()
@@ -512,7 +514,7 @@ def _train(
 
     extra: dict[str, Any] = {"train_count": len(train_data), "val_count": len(val_data)}
     if cfg.lean:  # what ran, for reading epoch times (the numbers are the same either way)
-        extra["kernel"] = kernels.resolve(kernel, dev)
+        extra["kernel"] = kernels.resolve(kernel, dev, cfg.k)
     if grad_reduce is not None:
         digests = D.replica_digests(net, world)
         extra.update(world_size=world.size, grad_reduce=grad_reduce, replica_digests=digests)

@@ -117,10 +117,10 @@ def test_kernel_choice_outside_the_interpreter(mnist_root, tmp_path):
     if kernels.interpreting():
         pytest.fail("the suite itself must not run under TRITON_INTERPRET")
     assert not kernels.supported(cpu)
-    assert kernels.resolve("auto", cpu) == "torch"
-    assert kernels.resolve("torch", torch.device("cuda")) == "torch"
+    assert kernels.resolve("auto", cpu, 8) == "torch"
+    assert kernels.resolve("torch", torch.device("cuda"), 8) == "torch"
     with pytest.raises(ConfigError, match="needs a CUDA device"):
-        kernels.resolve("triton", cpu)
+        kernels.resolve("triton", cpu, 8)
     with pytest.raises(ConfigError, match="unknown kernel 'fast'; choose one of: auto, torch"):
         layers.set_kernel(torch.nn.Linear(2, 2), "fast")
     cfg = replace(kernel_interp._train_config(), score_dtype="float32")
@@ -129,3 +129,18 @@ def test_kernel_choice_outside_the_interpreter(mnist_root, tmp_path):
     with pytest.raises(ConfigError, match="add --lean"):
         train(replace(cfg, lean=False), tmp_path / "b", root=mnist_root, kernel="triton")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_auto_falls_back_to_torch_when_the_kernels_fail_their_check(monkeypatch):
+    cpu = torch.device("cpu")
+
+    def mismatch(device, k):
+        raise kernels.KernelMismatchError(f"the Triton kernel select_greedy (K={k}) differs")
+
+    monkeypatch.setattr(kernels, "supported", lambda device: True)
+    monkeypatch.setattr(kernels, "self_check", mismatch)
+    with pytest.warns(UserWarning, match="using torch: the Triton kernel select_greedy"):
+        assert kernels.resolve("auto", cpu, 7) == "torch"
+    with pytest.raises(kernels.KernelMismatchError, match=r"\(K=7\) differs"):
+        kernels.resolve("triton", cpu, 7)
+    kernels._auto.cache_clear()  # the fallback above is remembered per device and K
