@@ -208,16 +208,23 @@ class _SlotMixin(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dense weight this forward pass uses, differentiable w.r.t. the scores."""
         if self.lean:
-            fused = kernels.resolve(self.kernel, self.scores.device, self.k) == "triton"
-            # The fused kernel takes the greedy argmax itself, in the same pass as the values.
-            index = None if fused and self.selection == "greedy" else self.selected_index()
-            w = _SelectLean.apply(
-                self.scores, index, self.seed, self.layer, self.bound, self.grad_reducer, fused
-            )
+            w = self._lean_weight()
         else:
             index = self.selected_index()
             w = _SelectValues.apply(self.scores, self.bank, index, self.grad_reducer)
         return w.view(self.weight_shape)
+
+    # Eager even inside torch.compile: inductor folds the generator's 64-bit constants into
+    # index arithmetic that overflows int64, and the kernel choice and its self-check must not be
+    # traced. The matmuls and convolutions around it are still compiled.
+    @torch.compiler.disable
+    def _lean_weight(self) -> torch.Tensor:
+        fused = kernels.resolve(self.kernel, self.scores.device, self.k) == "triton"
+        # The fused kernel takes the greedy argmax itself, in the same pass as the values.
+        index = None if fused and self.selection == "greedy" else self.selected_index()
+        return _SelectLean.apply(
+            self.scores, index, self.seed, self.layer, self.bound, self.grad_reducer, fused
+        )
 
     def extra_repr(self) -> str:
         lean = ", lean" if self.lean else ""

@@ -75,8 +75,9 @@ def test_step_in_backward_trains_like_the_plain_optimizer_and_resumes(mnist_root
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(mnist_root, tmp_path):
-    cfg = TrainConfig(**{**SMALL, "limit": 1000}, seed=2)
+@pytest.mark.parametrize("lean", [False, True])
+def test_compiled_training_matches_eager(mnist_root, tmp_path, lean):
+    cfg = TrainConfig(**{**SMALL, "limit": 1000}, seed=2, lean=lean)
     train(cfg, tmp_path / "eager", root=mnist_root, device="cpu")
     train(cfg, tmp_path / "compiled", root=mnist_root, device="cpu", compile=True)
     a, b = _scores(tmp_path / "eager" / "last.pt"), _scores(tmp_path / "compiled" / "last.pt")
