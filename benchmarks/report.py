@@ -111,6 +111,40 @@ def step_section(records: list[dict[str, Any]]) -> list[str]:
     return out + ["", *_provenance(records), ""]
 
 
+def kernel_section(records: list[dict[str, Any]]) -> list[str]:
+    if not records:
+        return []
+    out = [
+        "## Lean layers: fused Triton kernels against torch ops",
+        "",
+        "One lean slot layer of VGG-19's largest size (benchmarks/kernel_speed.py): the forward "
+        "pass (argmax, selected value) and the backward pass (score gradient) as training runs "
+        "them, on torch ops or on the fused kernels. `identical`: the kernels' outputs equal the "
+        "torch path's bit for bit. Peak: CUDA memory allocated beyond inputs and outputs during "
+        "forward + backward.",
+        "",
+        "| device | connections | K | scores | code | forward ms | backward ms | speed-up | "
+        "identical | peak extra MiB |",
+        "|---|---:|---:|---|---|---:|---:|---:|---|---:|",
+    ]
+    missing = set()
+    for r in records:
+        dev = r["machine"].get("gpu") if r["device"] == "cuda" else "cpu"
+        dev += " (Triton interpreter)" if r.get("interpreter") else ""
+        for row in r["rows"]:
+            peak, speedup = row["peak_extra_mib"], row.get("speedup")
+            out.append(
+                f"| {dev} | {row['n']:,} | {row['k']} | {row['score_dtype']} | {row['kernel']} | "
+                f"{row['forward_ms']:.3f} | {row['backward_ms']:.3f} | "
+                f"{'—' if speedup is None else f'{speedup:.1f}x'} | {row.get('identical', '—')} | "
+                f"{'—' if peak is None else f'{peak:.0f}'} |"
+            )
+            if "kernels_unavailable" in row:
+                missing.add(f"{dev}: {row['kernels_unavailable']}")
+    out += ["", *(f"Kernel rows missing on {m}." for m in sorted(missing))]
+    return out + ["", *_provenance(records), ""]
+
+
 def _method(cfg: dict[str, Any]) -> str:
     if cfg.get("init_from"):
         return "slot, finetuned (dense)"
@@ -360,6 +394,7 @@ def render(folder: Path = RESULTS) -> str:
     lines += pack_speed_section(by_kind.get("pack_speed", []))
     lines += onnx_bench.section(by_kind.get("onnx", []))
     lines += step_section(by_kind.get("step_time", []))
+    lines += kernel_section(by_kind.get("kernel_speed", []))
     lines += ddp_section(by_kind.get("ddp", []))
     lines += prng_section(by_kind.get("prng", []))
     lines += plots_section(by_kind.get("accuracy", []))

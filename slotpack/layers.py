@@ -131,6 +131,10 @@ class _SelectLean(torch.autograd.Function):
         return _score_grad(grad_w, k, values, ctx.dtype), None, None, None, None, None, None
 
 
+# What a lean greedy layer saves for backward in place of its weight (see _with_weight).
+_REGENERATE = object()
+
+
 def _gumbel_argmax(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """argmax(scores + Gumbel noise from uniforms ``u`` (consumed)): a draw from softmax(scores).
 
@@ -214,6 +218,40 @@ class _SlotMixin(nn.Module):
             w = _SelectValues.apply(self.scores, self.bank, index, self.grad_reducer)
         return w.view(self.weight_shape)
 
+    def _with_weight(self, op: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``op(weight)``. A lean greedy layer does not keep the weight for the backward pass of
+        ``op`` (4 bytes per connection while the graph lives): it regenerates it there, from
+        the scores, which must not change in between (checked, as autograd checks its own)."""
+        w = self.weight()
+        if not (
+            self.lean
+            and self.selection == "greedy"
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        ):
+            return op(w)
+        # The hooks must not hold ``w`` itself: only where it lives and what it is.
+        storage, dtype, version = w.untyped_storage().data_ptr(), w.dtype, self.scores._version
+
+        def pack(t: torch.Tensor):
+            if t.dtype != dtype or t.untyped_storage().data_ptr() != storage:
+                return t
+            return (_REGENERATE, t.shape, t.stride(), t.storage_offset())
+
+        def unpack(saved):
+            if not (isinstance(saved, tuple) and saved[0] is _REGENERATE):
+                return saved
+            if self.scores._version != version:
+                raise RuntimeError(
+                    f"the scores of slot layer {self.layer} were modified in place between the "
+                    "forward and backward passes, so its weight cannot be regenerated"
+                )
+            with torch.no_grad():
+                return self._lean_weight().as_strided(*saved[1:])
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return op(w)
+
     # Eager even inside torch.compile: inductor folds the generator's 64-bit constants into
     # index arithmetic that overflows int64, and the kernel choice and its self-check must not be
     # traced. The matmuls and convolutions around it are still compiled.
@@ -268,7 +306,7 @@ class SlotLinear(_SlotMixin):
         self._init_slots(shape, fans, k, seed, layer, selection, bias, device, lean, score_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight(), self.bias)
+        return self._with_weight(lambda w: F.linear(x, w, self.bias))
 
 
 class SlotConv2d(_SlotMixin):
@@ -305,6 +343,8 @@ class SlotConv2d(_SlotMixin):
         self._init_slots(shape, fans, k, seed, layer, selection, bias, device, lean, score_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(
-            x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups
+        return self._with_weight(
+            lambda w: F.conv2d(
+                x, w, self.bias, self.stride, self.padding, self.dilation, self.groups
+            )
         )

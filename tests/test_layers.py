@@ -1,5 +1,8 @@
 """Slot layers: straight-through gradients, greedy == dense, probabilistic follows softmax."""
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -216,3 +219,45 @@ def test_bfloat16_scores_round_the_float32_gradient():
     assert torch.equal(bf.scores.grad, f32.scores.grad.to(torch.bfloat16))
     with pytest.raises(ConfigError, match="score dtype"):
         SlotLinear(3, 2, 4, seed=0, layer=0, score_dtype="float16")
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: SlotLinear(40, 30, 4, seed=1, layer=0, bias=True, **kw),
+    lambda **kw: SlotConv2d(3, 5, 3, 4, seed=1, layer=1, padding=1, **kw),
+])  # fmt: skip
+def test_lean_greedy_layers_regenerate_their_weight_for_backward(make):
+    x = torch.randn(2, 40) if isinstance(make(), SlotLinear) else torch.randn(2, 3, 6, 6)
+    refs, grads = {}, {}
+    for lean in (False, True):
+        layer = make(lean=lean)
+        weight = layer.weight
+        kept = []
+
+        def spy(weight=weight, kept=kept):
+            w = weight()
+            kept.append(weakref.ref(w._base))  # every view of the weight keeps its base alive
+            return w
+
+        layer.weight = spy
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        gc.collect()
+        refs[lean] = kept[0]() is not None  # does the graph still hold the weight?
+        out.square().sum().backward()
+        grads[lean] = (xi.grad, layer.scores.grad)
+    assert refs == {False: True, True: False}
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
+
+
+def test_regenerating_a_weight_refuses_scores_changed_since_forward():
+    layer = SlotLinear(10, 6, 4, seed=1, layer=0, lean=True)
+    out = layer(torch.randn(3, 10, requires_grad=True))
+    with torch.no_grad():
+        layer.scores.mul_(1.0)  # same values, but an in-place change all the same
+    with pytest.raises(RuntimeError, match="slot layer 0 were modified in place"):
+        out.sum().backward()
+    stored = SlotLinear(10, 6, 4, seed=1, layer=0)  # the stored-bank layer keeps its weight
+    out = stored(torch.randn(3, 10, requires_grad=True))
+    with torch.no_grad():
+        stored.scores.mul_(1.0)
+    out.sum().backward()
