@@ -4,8 +4,10 @@ The value bank is regenerated from (seed, layer) on the layer's device and never
 scores [connections, K] (and an optional bias) are parameters. In lean mode the bank is not even
 kept in memory: the forward pass generates only each connection's selected value, and the backward
 pass regenerates the K values it needs for the score gradient, block by block (bit-identical
-results); on CUDA fused Triton kernels (slotpack.kernels) do both in one pass each. The forward pass gathers the selected value per connection (no K-times one-hot
-product); the backward pass is the straight-through rule
+results); on CUDA fused Triton kernels (slotpack.kernels) do each in one pass. A lean greedy layer
+does not keep its selected weight for the backward pass either: it regenerates it there. The
+forward pass gathers the selected value per connection (no K-times one-hot product); the backward
+pass is the straight-through rule
 d loss / d score[i, k] = d loss / d w[i] * value[i, k].
 Scores may be stored in bfloat16 (half the memory of scores, their gradient and momentum); the
 bank, the selected weights and the products above stay float32 until the gradient is stored.

@@ -369,10 +369,8 @@ def train(
     kernels.check_kernel(kernel)
     if kernel == "triton" and not cfg.lean:
         raise ConfigError("--kernel triton runs lean slot layers; add --lean")
-    if cfg.lean:
-        kernels.resolve(
-            kernel, dev, cfg.k
-        )  # an explicit "triton" that cannot run fails before any work
+    if cfg.lean:  # an explicit "triton" that cannot run fails here, before any work
+        kernels.resolve(kernel, dev, cfg.k)
     if not distributed:
         reporter = reporter or SilentReporter()
         world = D.World()
