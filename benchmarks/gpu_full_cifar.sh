@@ -2,8 +2,10 @@
 # VGG-19 K=8 on the full CIFAR-10 training set on a lent GPU: wall time to accuracy (issue
 # "Training at speed and at scale"). A device call carries at most 64 MiB and the 51 PNG batches
 # are 114 MiB, so the data comes in two calls made back to back (see benchmarks/README.md):
-#   call 1: .stage/cifar10 holds PNGs 0-24;                 command: bash benchmarks/gpu_full_cifar.sh stage
-#   call 2: .stage/cifar10 holds PNGs 25-50 and the labels; command: bash benchmarks/gpu_full_cifar.sh train
+#   call 1: carry [".stage/cifar10_a"] (PNGs 0-24);              command: bash benchmarks/gpu_full_cifar.sh stage
+#   call 2: carry [".stage/cifar10_b"] (PNGs 25-50, the labels); command: bash benchmarks/gpu_full_cifar.sh train
+# Both halves are staged here before call 1, so call 2 can follow at once (an idle machine is
+# given back after about 30 s, and with it the first half).
 # Both copy what they carry to a folder outside the repository; call 2 checks that all 51 batches
 # are there and says plainly what is missing (then it trains on what there is, marked partial).
 # Records land under $OUT/results with the training curve (accuracy per epoch and seconds).
@@ -11,7 +13,9 @@ set -u -o pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 SLOTPACK_RESULTS="$OUT/results"
 STAGE="${TMPDIR:-/tmp}/slotpack_cifar_stage"
 mkdir -p "$STAGE" "$SLOTPACK_RESULTS"
-cp .stage/cifar10/* "$STAGE"/ && echo "carried: $(ls .stage/cifar10 | wc -l) files"
+for d in .stage/cifar10 .stage/cifar10_a .stage/cifar10_b; do  # whichever half was carried
+  [ -d "$d" ] && cp "$d"/* "$STAGE"/ && echo "carried: $(ls "$d" | wc -l) files in $d"
+done
 have=$(ls "$STAGE" | grep -c '^cifar10_batch_.*\.png$')
 echo "staged outside the repository: $have of 51 PNG batches, labels: $(ls "$STAGE" | grep -c labels)"
 [ "${1:-}" = "stage" ] && exit 0
