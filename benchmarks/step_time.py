@@ -40,6 +40,11 @@ _SLOT_OPTIONS = {  # slot implementations: (models.create options, step inside b
 }
 
 
+def _slot_options(impl: str) -> tuple[dict, bool, str]:
+    """(models.create options, step inside backward, kernel); the defaults for reference and learned."""
+    return _SLOT_OPTIONS.get(impl, ({}, False, "auto"))
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
@@ -77,7 +82,7 @@ def _build(model_name: str, impl: str, k: int, dev, x):
     from slotpack import layers, models, optim
 
     method = "learned" if impl == "learned" else "slot"
-    options, in_backward, kernel = _SLOT_OPTIONS.get(impl, ({}, False, "auto"))
+    options, in_backward, kernel = _slot_options(impl)
     model = models.create(model_name, k, method=method, seed=0, device=dev, **options)
     layers.set_kernel(model, kernel)
     check = None
@@ -178,7 +183,7 @@ def _kernel_used(impl: str, dev, k: int) -> str | None:
     """What a lean implementation ran on ``dev``: "triton" or "torch" (None when not lean)."""
     from slotpack import kernels
 
-    options, _, kernel = _SLOT_OPTIONS.get(impl, ({}, False, "auto"))
+    options, _, kernel = _slot_options(impl)
     return kernels.resolve(kernel, dev, k) if options.get("lean") else None
 
 

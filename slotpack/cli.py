@@ -15,6 +15,7 @@ import click
 
 from . import __version__
 from .errors import SlotpackError
+from .kernels import KERNELS  # imports no torch, like everything at the top of this file
 
 DATA_ROOT = click.option(
     "--root",
@@ -155,7 +156,7 @@ def data_cmd(name: str, root: Path | None) -> None:
 )
 @click.option(
     "--kernel",
-    type=click.Choice(["auto", "torch", "triton"]),
+    type=click.Choice(KERNELS),
     default="auto",
     show_default=True,
     help="What --lean layers run: fused Triton kernels (CUDA) or plain torch; auto picks Triton "
