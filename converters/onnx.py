@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from slotpack import __version__, prng
 from slotpack import arch as A
+from slotpack import bits as B
 from slotpack import format as F
 from slotpack.errors import ConfigError, OutputExistsError
 
@@ -94,11 +95,13 @@ def _decode_weight(g: _Graph, slot: F.SlotFile, number: int, layer, name: str) -
     roughly the number of full-size operators times the number of connections.
     """
     n = int(np.prod(layer.weight_shape))
-    b, k = slot.index_bits, slot.k
+    k = slot.weights_of(name).k
+    b = B.bits_for(k)
     if b > 8:
         raise ConfigError(f"--self-decoding supports K <= 256 (8-bit indices); this file has K={k}")
     groups = -(-n // 8)
-    packed = np.frombuffer(slot.raw(name), dtype=np.uint8)
+    # A delta-coded section is expanded to fixed-width fields: the graph needs random access.
+    packed = np.frombuffer(slot.packed_indices(name), dtype=np.uint8)
     packed = np.concatenate([packed, np.zeros(groups * b - packed.size, np.uint8)])
     s = _fields(g, packed, groups, b)
     # §1: z0 = key + (i*K + s + 1) * GAMMA with i = 8*group + position, all mod 2**64.
@@ -250,7 +253,7 @@ def export(
     props = {
         "generator": m["generator"]["id"],
         "seed": m["generator"]["seed"],
-        "k": str(slot.k),
+        "k": str(slot.k) if slot.k is not None else ",".join(map(str, slot.ks)),
         "self_decoding": str(self_decoding).lower(),
         "source_sha256": hashlib.sha256(source).hexdigest() if source is not None else "",
         **_props(m["input"]["mean"], m["input"]["std"], m["metadata"]),

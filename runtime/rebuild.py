@@ -17,12 +17,11 @@ from slotpack import prng
 
 def weight(slot: F.SlotFile, position: int) -> np.ndarray:
     """The dense weight of the weighted layer at ``position``: only the selected values are made."""
-    for pos, number, layer, tensors in slot.weighted():
-        if pos == position:
-            index = slot.indices(tensors["indices"])
-            bound = prng.glorot_bound(*layer.fans)
-            values = prng.selected_np(slot.seed, number, index, slot.k, bound)
-            return values.reshape(layer.weight_shape)
+    for w in slot.weights:
+        if w.position == position:
+            index = slot.indices(w.section)
+            values = prng.selected_np(slot.seed, w.number, index, w.k, w.bound)
+            return values.reshape(w.layer.weight_shape)
     raise KeyError(f"layer {position} is not a weighted layer")
 
 

@@ -375,7 +375,7 @@ def export_cmd(path: Path, output: Path, self_decoding: bool, force: bool) -> No
 
 
 @main.command("pack")
-@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--output",
@@ -384,23 +384,56 @@ def export_cmd(path: Path, output: Path, self_decoding: bool, force: bool) -> No
     help="The .slot file to write.",
 )
 @click.option(
+    "--encoding",
+    "index_encoding",
+    type=click.Choice(["auto", "bits", "delta"]),
+    default="auto",
+    show_default=True,
+    help="How indices are stored: delta (only the connections training moved off their "
+    "seeded initial slot), bits (fixed width, random access), auto (the smaller per layer).",
+)
+@click.option(
     "--float16", "half", is_flag=True, help="Store dense tensors (BatchNorm, biases) as float16."
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-def pack_cmd(run: Path, output: Path, half: bool, force: bool) -> None:
-    """Pack a run folder (its best checkpoint) or checkpoint file into a .slot file."""
+def pack_cmd(source: Path, output: Path, index_encoding: str, half: bool, force: bool) -> None:
+    """Pack a run folder (its best checkpoint) or checkpoint file into a .slot file, or
+    re-encode an existing .slot file (version 1 or 2) losslessly."""
     from .atomic import write_bytes
-    from .errors import OutputExistsError
-    from .pack import pack_checkpoint
+    from .errors import ConfigError, OutputExistsError
 
     if output.exists() and not force:  # before the work, and again atomically when writing
         raise OutputExistsError(f"{output} exists; pass --force to overwrite it")
-    blob, info = pack_checkpoint(run, encoding="float16" if half else "float32")
+    if source.is_file() and _is_slot(source):
+        from . import format as F
+        from .pack import PackInfo, repack
+
+        if output.exists() and output.resolve() == source.resolve():
+            raise ConfigError(f"{output} is the source file; write the re-encoded file elsewhere")
+        slot = F.read(source)
+        blob = repack(slot, index_encoding=index_encoding, encoding="float16" if half else None)
+        dense = sum(s.count for s in slot.sections.values() if s.encoding.startswith("float"))
+        info = PackInfo(len(blob), sum(w.count for w in slot.weights), dense)
+        before = f" (was {slot.size:,} bytes, format version {slot.version})"
+    else:
+        from .pack import pack_checkpoint
+
+        blob, info = pack_checkpoint(
+            source, encoding="float16" if half else "float32", index_encoding=index_encoding
+        )
+        before = ""
     write_bytes(output, blob, force=force)
     click.echo(
         f"{output}: {info.size:,} bytes, {info.bits_per_connection:.3f} bits per connection, "
-        f"{info.ratio:.2f}x smaller than float32 ({info.float32_size:,} bytes)"
+        f"{info.ratio:.2f}x smaller than float32 ({info.float32_size:,} bytes){before}"
     )
+
+
+def _is_slot(path: Path) -> bool:
+    from .format import MAGIC
+
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
 
 
 @main.command("inspect")
@@ -408,7 +441,8 @@ def pack_cmd(run: Path, output: Path, half: bool, force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @click.option("--verify", is_flag=True, help="Also re-check every section's CRC-32.")
 def inspect_cmd(path: Path, as_json: bool, verify: bool) -> None:
-    """Per-layer table of a .slot file: shapes, K, bits, bytes and ratio against float32."""
+    """Per-layer table of a .slot file: shapes, K, index encoding, connections changed from
+    their initial slot, bits per connection, bytes and ratio against float32."""
     from . import format as F
     from .inspect import summary
 
@@ -416,26 +450,35 @@ def inspect_cmd(path: Path, as_json: bool, verify: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, sort_keys=True))
         return
-    head = f"{'layer':>5s} {'op':10s} {'shape':20s} {'K':>5s} {'bits':>5s} {'bytes':>11s} {'vs fp32':>8s}"
+    head = (
+        f"{'layer':>5s} {'op':10s} {'shape':18s} {'K':>5s} {'indices':>7s} {'changed':>8s} "
+        f"{'bits/conn':>9s} {'bytes':>10s} {'vs fp32':>8s}"
+    )
     click.echo(head)
     click.echo("-" * len(head))
     for r in report["layers"]:
-        k = str(r["k"]) if r["k"] else ""
-        bits = str(r["bits"]) if r["bits"] else ""
+        weighted = r["k"] is not None
+        k = str(r["k"]) if weighted else ""
+        enc = r["encoding"] if weighted else ""
+        changed = f"{100 * r['changed_fraction']:7.2f}%" if weighted else ""
+        bpc = f"{r['bits_per_connection']:9.3f}" if weighted else ""
         click.echo(
-            f"{r['position']:5d} {r['op']:10s} {'x'.join(map(str, r['shape'])):20s} {k:>5s} "
-            f"{bits:>5s} {r['bytes']:11,d} {r['ratio']:7.2f}x"
+            f"{r['position']:5d} {r['op']:10s} {'x'.join(map(str, r['shape'])):18s} {k:>5s} "
+            f"{enc:>7s} {changed:>8s} {bpc:>9s} {r['bytes']:10,d} {r['ratio']:7.2f}x"
         )
     t = report["total"]
     click.echo("-" * len(head))
     click.echo(
         f"file {t['bytes']:,} bytes (header and manifest {t['overhead_bytes']:,}), "
-        f"{t['connections']:,} connections, {t['bits_per_connection']:.3f} bits per connection, "
+        f"{t['connections']:,} connections ({t['changed']:,} changed), "
+        f"{t['bits_per_connection']:.3f} bits per connection, "
         f"{t['ratio']:.2f}x smaller than float32 ({t['float32_bytes']:,} bytes)"
     )
+    ks = str(report["k"]) if report["k"] else "per layer"
     click.echo(
-        f"generator {report['generator']} seed {report['seed']}, K={report['k']}, "
-        f"selection {report['selection']}; checksums {'verified' if verify else 'not verified (--verify)'}"
+        f"format version {report['format_version']}, generator {report['generator']} seed "
+        f"{report['seed']}, K={ks}, selection {report['selection']}; checksums "
+        f"{'verified' if verify else 'not verified (--verify)'}"
     )
 
 

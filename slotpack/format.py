@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
+import os
 import re
+import stat
 import struct
 import zlib
 from collections.abc import Iterator
@@ -21,12 +24,15 @@ import numpy as np
 
 from . import arch as A
 from . import bits as B
+from . import delta as D
+from . import prng
 from .atomic import write_bytes
 from .errors import SlotpackError
 from .prng import GENERATOR_ID
 
 MAGIC = b"\x89SLOT\r\n\x1a"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the writer writes unless told otherwise
+FORMAT_VERSIONS = (1, 2)  # what the reader reads
 HEADER = struct.Struct(
     "<8sHHIIIQ"
 )  # magic, version, flags, manifest len, manifest crc, header crc, payload len
@@ -34,9 +40,14 @@ MAX_MANIFEST_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
 MAX_K = 1 << 16
 MAX_DIM = 1 << 31
+MAX_INT_DIGITS = 4300  # longest integer literal in a manifest, whatever the interpreter allows
+# Every activation a manifest's network produces holds at most this many values per image, so
+# no reader (or onnxruntime behind it) is asked for gigabytes by a few bytes of manifest.
+MAX_ACTIVATION = 1 << 26
 SELECTIONS = ("greedy", "probabilistic")
 ENCODINGS = {"bits": 0, "float32": 4, "float16": 2}  # bytes per element (bits: packed)
-MANIFEST_KEYS = {
+INDEX_ENCODINGS = {1: ("bits",), 2: ("bits", "delta")}
+MANIFEST_KEYS_V1 = {
     "format",
     "version",
     "generator",
@@ -49,7 +60,10 @@ MANIFEST_KEYS = {
     "sections",
     "metadata",
 }
+MANIFEST_KEYS = {1: MANIFEST_KEYS_V1, 2: MANIFEST_KEYS_V1 - {"k", "index_bits"}}
+WEIGHTED_KEYS_V2 = {"k", "reference"}  # version 2: every weighted layer carries its own K
 SECTION_KEYS = {"name", "encoding", "shape", "offset", "length", "crc32"}
+DELTA_KEYS = {"changes", "gap_param", "rank_param"}
 ROLES = {
     "linear": ("indices", "bias"),
     "conv2d": ("indices", "bias"),
@@ -103,10 +117,33 @@ class Section:
     offset: int
     length: int
     crc32: int
+    changes: int = 0  # delta sections: changed connections and the two Rice parameters
+    gap_param: int = 0
+    rank_param: int = 0
 
     @property
     def count(self) -> int:
         return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """What a reader needs to rebuild one weighted layer: where, K, and its reference rule."""
+
+    position: int
+    number: int  # the generator's layer number (§1.2)
+    layer: A.Linear | A.Conv2d
+    k: int
+    reference: str  # "argmax", "onedraw" or "draw" (§1.8)
+    section: str  # the indices section
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.layer.weight_shape)
+
+    @property
+    def bound(self) -> float:
+        return prng.glorot_bound(*self.layer.fans)
 
 
 @dataclass(frozen=True)
@@ -119,18 +156,30 @@ class SlotFile:
     sections: dict[str, Section]
     payload: memoryview
     size: int
+    weights: tuple[Weights, ...] = ()
+
+    @property
+    def version(self) -> int:
+        return self.manifest["version"]
 
     @property
     def seed(self) -> int:
         return int(self.manifest["generator"]["seed"], 16)
 
     @property
-    def k(self) -> int:
-        return self.manifest["k"]
+    def ks(self) -> tuple[int, ...]:
+        """K of each weighted layer, in order."""
+        return tuple(w.k for w in self.weights)
 
     @property
-    def index_bits(self) -> int:
-        return self.manifest["index_bits"]
+    def k(self) -> int | None:
+        """The K every weighted layer shares (None when they differ)."""
+        return self.ks[0] if len(set(self.ks)) == 1 else None
+
+    @property
+    def index_bits(self) -> int | None:
+        """Bits of the fixed-width index encoding at that shared K (None when Ks differ)."""
+        return B.bits_for(self.k) if self.k is not None else None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -140,13 +189,44 @@ class SlotFile:
         s = self.sections[name]
         return self.payload[s.offset : s.offset + s.length]
 
+    def weights_of(self, name: str) -> Weights:
+        for w in self.weights:
+            if w.section == name:
+                return w
+        raise KeyError(f"{name} is not an indices section")
+
+    def reference(self, w: Weights) -> np.ndarray:
+        """The reference slot of every connection of ``w`` (§1.8)."""
+        return prng.reference_np(self.seed, w.number, w.count, w.k, w.bound, w.reference)
+
+    def order(self, w: Weights, positions: np.ndarray) -> np.ndarray:
+        """The reference order [len, K] of those connections of ``w`` (§1.8)."""
+        return prng.reference_order_np(self.seed, w.number, positions, w.k, w.bound, w.reference)
+
     def indices(self, name: str) -> np.ndarray:
-        """The stored indices of a section (uint16); an index >= K is a ManifestError."""
-        s = self.sections[name]
-        out = B.unpack(self.raw(name), s.count, self.index_bits)
-        if self.k < 1 << self.index_bits and out.size and int(out.max()) >= self.k:
-            raise ManifestError(f"section {name}: an index is >= K={self.k}")
-        return out
+        """The stored indices of a section (uint16), whatever its encoding."""
+        s, w = self.sections[name], self.weights_of(name)
+        if s.encoding == "bits":
+            return B.unpack(self.raw(name), s.count, B.bits_for(w.k))
+        try:
+            return D.decode(
+                self.raw(name),
+                count=s.count,
+                k=w.k,
+                changes=s.changes,
+                gap_param=s.gap_param,
+                rank_param=s.rank_param,
+                reference=lambda: self.reference(w),
+                order=lambda positions: self.order(w, positions),
+            )
+        except D.DeltaError as exc:
+            raise LayoutError(f"section {name}: {exc}") from None
+
+    def packed_indices(self, name: str) -> bytes:
+        """The section's indices in the fixed-width ``bits`` encoding (random access)."""
+        if self.sections[name].encoding == "bits":
+            return bytes(self.raw(name))
+        return B.pack(self.indices(name), B.bits_for(self.weights_of(name).k))
 
     def tensor(self, name: str) -> np.ndarray:
         """A float section as a float32 array of its declared shape."""
@@ -156,11 +236,8 @@ class SlotFile:
 
     def weighted(self) -> Iterator[tuple[int, int, A.Linear | A.Conv2d, dict[str, str]]]:
         """(position, generator layer number, layer, tensors) of each weighted layer."""
-        number = 0
-        for pos, (layer, tensors) in enumerate(zip(self.layers, self.tensors, strict=True)):
-            if isinstance(layer, A.WEIGHTED):
-                yield pos, number, layer, tensors
-                number += 1
+        for w in self.weights:
+            yield w.position, w.number, w.layer, self.tensors[w.position]
 
 
 # ------------------------------------------------------------------------------- writing
@@ -170,23 +247,45 @@ def section_name(position: int, role: str) -> str:
     return f"{position}.{role}"
 
 
+def implicit_reference(selection: str) -> str:
+    """The reference rule of a version 1 file, which records none (§1.8): what its training used."""
+    return "draw" if selection == "probabilistic" else "argmax"
+
+
 def encode(
     *,
     layers: tuple[A.Layer, ...],
     seed: int,
-    k: int,
+    k: int | tuple[int, ...],
     selection: str,
     input_shape: tuple[int, int, int],
     mean: tuple[float, ...],
     std: tuple[float, ...],
     num_classes: int,
-    blobs: dict[str, tuple[str, tuple[int, ...], bytes]],
+    blobs: dict[str, tuple[str, tuple[int, ...], bytes | D.Delta]],
     metadata: dict[str, Any] | None = None,
+    references: tuple[str, ...] | None = None,
+    version: int = FORMAT_VERSION,
 ) -> bytes:
-    """The bytes of a version-1 file. ``blobs`` maps section name -> (encoding, shape, bytes)."""
-    manifest_layers, order = [], []
+    """The bytes of a file of format ``version`` (2 unless asked; 1 for readers that know no 2).
+
+    ``blobs`` maps section name -> (encoding, shape, bytes, or a ``delta.Delta``); ``k`` is one K
+    for every weighted layer or one per weighted layer; ``references`` the rule of each weighted
+    layer (default: what ``selection`` implies for files trained with the "uniform" init).
+    """
+    n_weighted = sum(isinstance(layer, A.WEIGHTED) for layer in layers)
+    ks = (k,) * n_weighted if isinstance(k, int) else tuple(k)
+    refs = references or (implicit_reference(selection),) * n_weighted
+    if len(ks) != n_weighted or len(refs) != n_weighted:
+        raise ValueError(f"{len(ks)} K and {len(refs)} references for {n_weighted} weighted layers")
+    if version == 1 and (len(set(ks)) > 1 or set(refs) - {implicit_reference(selection)}):
+        raise ValueError("format version 1 holds one K and no reference rule")
+    manifest_layers, order, number = [], [], 0
     for pos, layer in enumerate(layers):
         entry = A.layer_to_dict(layer)
+        if version >= 2 and isinstance(layer, A.WEIGHTED):
+            entry["k"], entry["reference"] = ks[number], refs[number]
+            number += 1
         roles = _roles(layer)
         if roles:
             entry["tensors"] = {role: section_name(pos, role) for role in roles}
@@ -197,26 +296,20 @@ def encode(
     sections, payload, offset = [], bytearray(), 0
     for name in order:
         encoding, shape, data = blobs[name]
+        entry = {"name": name, "encoding": encoding, "shape": list(shape), "offset": 0}
+        if isinstance(data, D.Delta):
+            entry.update(changes=data.changes, gap_param=data.gap_param, rank_param=data.rank_param)
+            data = data.data
         payload += bytes(_align8(offset) - offset)
         offset = _align8(offset)
-        sections.append(
-            {
-                "name": name,
-                "encoding": encoding,
-                "shape": list(shape),
-                "offset": offset,
-                "length": len(data),
-                "crc32": _crc(data),
-            }
-        )
+        entry.update(offset=offset, length=len(data), crc32=_crc(data))
+        sections.append(entry)
         payload += data
         offset += len(data)
     manifest = {
         "format": "slotpack",
-        "version": FORMAT_VERSION,
+        "version": version,
         "generator": {"id": GENERATOR_ID, "seed": f"{seed:016x}"},
-        "k": k,
-        "index_bits": B.bits_for(k),
         "selection": selection,
         "input": {"shape": list(input_shape), "mean": list(mean), "std": list(std)},
         "num_classes": num_classes,
@@ -224,11 +317,23 @@ def encode(
         "sections": sections,
         "metadata": metadata or {},
     }
-    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    head = _header(len(text), _crc(text), len(payload))
+    if version == 1:
+        manifest.update(k=ks[0] if ks else 2, index_bits=B.bits_for(ks[0] if ks else 2))
+    text = canonical_json(manifest)
+    head = _header(version, len(text), _crc(text), len(payload))
     data = head + text + bytes(_align8(len(text)) - len(text)) + bytes(payload)
     decode(data)  # the writer never emits a file its own reader refuses
     return data
+
+
+def canonical_json(doc: Any) -> bytes:
+    """The one spelling of a manifest (§2.2): sorted keys, no spaces, ASCII with \\u escapes,
+    shortest round-trip floats. Readers compare a manifest with this spelling of itself."""
+    try:
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:
+        raise ManifestError(f"manifest cannot be written: {exc}") from None
+    return text.encode("ascii")
 
 
 def _roles(layer: A.Layer) -> tuple[str, ...]:
@@ -239,8 +344,8 @@ def _roles(layer: A.Layer) -> tuple[str, ...]:
     return ()
 
 
-def _header(manifest_length: int, manifest_crc: int, payload_length: int) -> bytes:
-    head = HEADER.pack(MAGIC, FORMAT_VERSION, 0, manifest_length, manifest_crc, 0, payload_length)
+def _header(version: int, manifest_length: int, manifest_crc: int, payload_length: int) -> bytes:
+    head = HEADER.pack(MAGIC, version, 0, manifest_length, manifest_crc, 0, payload_length)
     crc = _crc(head[:20] + head[24:])
     return head[:20] + struct.pack("<I", crc) + head[24:]
 
@@ -254,10 +359,25 @@ def write(path: Path | str, data: bytes, *, force: bool = False) -> Path:
 
 
 def read(path: Path | str, *, verify: bool = True) -> SlotFile:
-    """Read and validate a file; ``verify=False`` skips the section CRCs (header CRCs still hold)."""
+    """Read and validate a file; ``verify=False`` skips the section CRCs (header CRCs still hold).
+
+    Only a regular file is read, its header is checked against the file's real size before
+    anything else is, and the payload is mapped, not copied: a huge, sparse or endless (FIFO,
+    device) file is refused or read without allocating its size."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise SlotFormatError(f"{path}: not a regular file")
+            head = f.read(HEADER.size)
+            try:
+                _check_header(head, st.st_size)
+            except SlotFormatError as exc:
+                raise type(exc)(f"{path}: {exc}") from None
+            data: bytes | mmap.mmap = (
+                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else b""
+            )
     except OSError as exc:
         raise SlotFormatError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
@@ -266,23 +386,22 @@ def read(path: Path | str, *, verify: bool = True) -> SlotFile:
         raise type(exc)(f"{path}: {exc}") from None
 
 
-def decode(data: bytes | memoryview, *, verify: bool = True) -> SlotFile:
-    """Validate and decode the bytes of a file (see :func:`read`)."""
-    view = memoryview(data).cast("B")
-    size = len(view)
-    if size < HEADER.size:
-        if bytes(view[:8]) != MAGIC[:size] or size == 0:
+def _check_header(head: bytes | memoryview, size: int) -> tuple[int, int, int, int]:
+    """Validate the 32-byte header against the file's real ``size``: (version, manifest length,
+    manifest CRC, payload length). Nothing after the header has been read yet."""
+    head = bytes(head[: HEADER.size])
+    if len(head) < HEADER.size:
+        if head[:8] != MAGIC[: min(8, len(head))] or not head:
             raise MagicError("not a .slot file (too short and no magic)")
         raise TruncatedError(f"file is {size} bytes, shorter than the {HEADER.size}-byte header")
-    magic, version, flags, m_len, m_crc, h_crc, p_len = HEADER.unpack_from(view)
+    magic, version, flags, m_len, m_crc, h_crc, p_len = HEADER.unpack(head)
     if magic != MAGIC:
         raise MagicError("not a .slot file (wrong magic bytes)")
-    if _crc(bytes(view[:20]) + bytes(view[24:32])) != h_crc:
+    if _crc(head[:20] + head[24:32]) != h_crc:
         raise ChecksumError("header CRC-32 mismatch: the header is corrupt")
-    if version != FORMAT_VERSION:
-        raise VersionError(
-            f"format version {version} is not supported (this reader knows {FORMAT_VERSION})"
-        )
+    if version not in FORMAT_VERSIONS:
+        known = ", ".join(map(str, FORMAT_VERSIONS))
+        raise VersionError(f"format version {version} is not supported (this reader knows {known})")
     if flags:
         raise VersionError(f"header flags {flags:#06x} are not supported (must be 0)")
     if not 2 <= m_len <= MAX_MANIFEST_BYTES:
@@ -292,26 +411,38 @@ def decode(data: bytes | memoryview, *, verify: bool = True) -> SlotFile:
         raise TruncatedError(f"file is {size} bytes, its header declares {start + p_len}")
     if size > start + p_len:
         raise LayoutError(f"{size - start - p_len} trailing bytes after the payload")
+    return version, m_len, m_crc, p_len
+
+
+def decode(data: bytes | memoryview | mmap.mmap, *, verify: bool = True) -> SlotFile:
+    """Validate and decode the bytes of a file (see :func:`read`)."""
+    view = memoryview(data).cast("B")
+    size = len(view)
+    version, m_len, m_crc, p_len = _check_header(view[: HEADER.size], size)
+    start = HEADER.size + _align8(m_len)
     text = view[HEADER.size : HEADER.size + m_len]
     if _crc(text) != m_crc:
         raise ChecksumError("manifest CRC-32 mismatch: the manifest is corrupt")
     if any(view[HEADER.size + m_len : start]):
         raise LayoutError("padding after the manifest is not zero")
     manifest = _parse_json(bytes(text))
+    if canonical_json(manifest) != bytes(text):
+        raise ManifestError("manifest is not in canonical form (§2.2: sorted keys, no spaces, "
+                            "ASCII escapes, shortest numbers)")
     payload = view[start:]
-    layers, tensors, sections = _validate(manifest, p_len)
-    _check_payload(payload, sections, manifest["index_bits"], verify)
-    return SlotFile(manifest, layers, tensors, sections, payload, size)
+    layers, tensors, sections, weights = _validate(manifest, version, p_len)
+    _check_payload(payload, sections, weights, verify)
+    return SlotFile(manifest, layers, tensors, sections, payload, size, weights)
 
 
 def _parse_json(text: bytes) -> dict[str, Any]:
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        if len(keys) != len(set(keys)):
-            raise ManifestError(
-                f"manifest has duplicate keys {sorted({k for k in keys if keys.count(k) > 1})}"
-            )
-        return dict(pairs)
+        out = dict(pairs)
+        if len(out) != len(pairs):  # linear: a manifest of 100k keys is refused in milliseconds
+            seen: set[str] = set()
+            dups = {k for k, _ in pairs if k in seen or seen.add(k)}
+            raise ManifestError(f"manifest has duplicate keys {sorted(dups)[:5]}")
+        return out
 
     def no_constants(name: str) -> None:
         raise ManifestError(f"manifest contains {name}, which JSON does not allow")
@@ -322,11 +453,14 @@ def _parse_json(text: bytes) -> dict[str, Any]:
             raise ManifestError(f"manifest number {literal[:24]} overflows to Infinity")
         return value
 
-    def integer(literal: str) -> int:  # int() refuses over 4300 digits with a plain ValueError
+    def integer(literal: str) -> int:  # the limit of §2.2, not the interpreter's (it may be off)
+        if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+            raise ManifestError(f"manifest has an integer of {len(literal)} digits")
         try:
             return int(literal)
-        except ValueError:
-            raise ManifestError(f"manifest has an integer of {len(literal)} digits") from None
+        except ValueError:  # an interpreter whose own limit is set below the format's
+            raise ManifestError(f"manifest integer of {len(literal)} digits exceeds this "
+                                "interpreter's limit (PYTHONINTMAXSTRDIGITS)") from None
 
     try:
         doc = json.loads(
@@ -385,7 +519,7 @@ def _float(value: Any, where: str) -> float:
     return float(value)
 
 
-def _parse_layer(entry: Any, pos: int) -> tuple[A.Layer, dict[str, str]]:
+def _parse_layer(entry: Any, pos: int, version: int) -> tuple[A.Layer, dict[str, str]]:
     where = f"layer {pos}"
     op = entry.get("op") if isinstance(entry, dict) else None
     if not isinstance(op, str) or op not in A.LAYER_TYPES:  # a list op is unhashable
@@ -396,7 +530,9 @@ def _parse_layer(entry: Any, pos: int) -> tuple[A.Layer, dict[str, str]]:
     cls = A.LAYER_TYPES[entry["op"]]
     names = {f.name: f.type for f in fields(cls)}
     has_tensors = entry["op"] in ROLES
-    _keys(entry, {"op", *names, *(["tensors"] if has_tensors else [])}, f"{where} ({entry['op']})")
+    extra = WEIGHTED_KEYS_V2 if version >= 2 and issubclass(cls, A.WEIGHTED) else set()
+    expected = {"op", *names, *extra, *(["tensors"] if has_tensors else [])}
+    _keys(entry, expected, f"{where} ({entry['op']})")
     values: dict[str, Any] = {}
     for name, kind in names.items():
         v, w = entry[name], f"{where} {name}"
@@ -413,6 +549,11 @@ def _parse_layer(entry: Any, pos: int) -> tuple[A.Layer, dict[str, str]]:
         raise ManifestError(f"{where}: batchnorm2d with affine=true is not in format version 1")
     if isinstance(layer, A.Dropout) and not 0 <= layer.p < 1:
         raise ManifestError(f"{where}: dropout p must be in [0, 1), got {layer.p}")
+    if isinstance(layer, A.Conv2d) and layer.padding > layer.dilation * (layer.kernel_size - 1):
+        raise ManifestError(
+            f"{where}: padding {layer.padding} exceeds dilation * (kernel_size - 1) = "
+            f"{layer.dilation * (layer.kernel_size - 1)} (only zeros would be added)"
+        )
     tensors: dict[str, str] = {}
     if has_tensors:
         roles = set(_roles(layer))
@@ -425,14 +566,12 @@ def _parse_layer(entry: Any, pos: int) -> tuple[A.Layer, dict[str, str]]:
     return layer, tensors
 
 
-def _validate(m: dict[str, Any], payload_length: int):
-    _keys(m, MANIFEST_KEYS, "manifest")
+def _validate(m: dict[str, Any], version: int, payload_length: int):
+    _keys(m, MANIFEST_KEYS[version], "manifest")
     if m["format"] != "slotpack":
         raise ManifestError(f"manifest format is {m['format']!r}, not 'slotpack'")
-    if type(m["version"]) is not int or m["version"] != FORMAT_VERSION:  # not true, not 1.0
-        raise ManifestError(
-            f"manifest version {m['version']!r} does not match the header's {FORMAT_VERSION}"
-        )
+    if type(m["version"]) is not int or m["version"] != version:  # not true, not 1.0
+        raise ManifestError(f"manifest version {m['version']!r} does not match the header's {version}")
     gen = _keys(m["generator"], {"id", "seed"}, "generator")
     if gen["id"] != GENERATOR_ID:
         raise ManifestError(
@@ -440,12 +579,13 @@ def _validate(m: dict[str, Any], payload_length: int):
         )
     if not isinstance(gen["seed"], str) or not re.fullmatch(r"[0-9a-f]{16}", gen["seed"]):
         raise ManifestError(f"generator seed must be 16 lowercase hex digits, got {gen['seed']!r}")
-    k = _int(m["k"], "k", 2, MAX_K)
-    if _int(m["index_bits"], "index_bits", 1, B.MAX_BITS) != B.bits_for(k):
-        raise ManifestError(
-            f"index_bits {m['index_bits']} does not match K={k} (needs {B.bits_for(k)})"
-        )
-    if m["selection"] not in SELECTIONS:
+    if version == 1:
+        k = _int(m["k"], "k", 2, MAX_K)
+        if _int(m["index_bits"], "index_bits", 1, B.MAX_BITS) != B.bits_for(k):
+            raise ManifestError(
+                f"index_bits {m['index_bits']} does not match K={k} (needs {B.bits_for(k)})"
+            )
+    if not isinstance(m["selection"], str) or m["selection"] not in SELECTIONS:
         raise ManifestError(f"selection {m['selection']!r} is not one of {', '.join(SELECTIONS)}")
     inp = _keys(m["input"], {"shape", "mean", "std"}, "input")
     if not isinstance(inp["shape"], list) or len(inp["shape"]) != 3:
@@ -462,47 +602,87 @@ def _validate(m: dict[str, Any], payload_length: int):
         raise ManifestError("metadata must be an object")
     if not isinstance(m["layers"], list) or not m["layers"]:
         raise ManifestError("layers must be a non-empty list")
-    parsed = [_parse_layer(entry, pos) for pos, entry in enumerate(m["layers"])]
+    parsed = [_parse_layer(entry, pos, version) for pos, entry in enumerate(m["layers"])]
     layers = tuple(layer for layer, _ in parsed)
+    tensors = tuple(t for _, t in parsed)
     try:
         shapes = A.output_shapes(layers, shape)
     except ValueError as exc:
         raise ManifestError(f"layers do not chain: {exc}") from None
+    for pos, out in enumerate([shape, *shapes]):
+        if math.prod(out) > MAX_ACTIVATION:
+            where = "the input" if pos == 0 else f"layer {pos - 1}"
+            raise ManifestError(
+                f"{where} produces {math.prod(out):,} values per image (at most {MAX_ACTIVATION:,})"
+            )
     if shapes[-1] != (num_classes,):
         raise ManifestError(f"the network outputs {list(shapes[-1])}, not [{num_classes}] classes")
-    sections = _validate_sections(m["sections"], k, payload_length)
-    _check_references(layers, tuple(t for _, t in parsed), sections)
-    return layers, tuple(t for _, t in parsed), sections
+    weights = _weights(m, version, layers, tensors)
+    sections = _validate_sections(m["sections"], weights, version, payload_length)
+    _check_references(layers, tensors, sections)
+    return layers, tensors, sections, weights
 
 
-def _validate_sections(entries: Any, k: int, payload_length: int) -> dict[str, Section]:
+def _weights(m: dict[str, Any], version: int, layers, tensors) -> tuple[Weights, ...]:
+    out, number = [], 0
+    for pos, (layer, roles) in enumerate(zip(layers, tensors, strict=True)):
+        if not isinstance(layer, A.WEIGHTED):
+            continue
+        if version == 1:
+            k, rule = m["k"], implicit_reference(m["selection"])
+        else:
+            entry = m["layers"][pos]
+            k = _int(entry["k"], f"layer {pos} k", 2, MAX_K)
+            rule = entry["reference"]
+            if not isinstance(rule, str) or rule not in prng.REFERENCE_RULES:
+                raise ManifestError(
+                    f"layer {pos}: reference {rule!r} is not one of "
+                    f"{', '.join(prng.REFERENCE_RULES)}"
+                )
+        out.append(Weights(pos, number, layer, k, rule, roles["indices"]))
+        number += 1
+    return tuple(out)
+
+
+def _validate_sections(
+    entries: Any, weights: tuple[Weights, ...], version: int, payload_length: int
+) -> dict[str, Section]:
     if not isinstance(entries, list):
         raise ManifestError("sections must be a list")
+    index_k = {w.section: w.k for w in weights}
+    known = (*ENCODINGS, *INDEX_ENCODINGS[version][1:])
     sections: dict[str, Section] = {}
     expected_offset = 0
     for i, entry in enumerate(entries):
         where = f"section {i}"
-        _keys(entry, SECTION_KEYS, where)
+        is_delta = isinstance(entry, dict) and entry.get("encoding") == "delta" and version >= 2
+        _keys(entry, SECTION_KEYS | (DELTA_KEYS if is_delta else set()), where)
         name, encoding = entry["name"], entry["encoding"]
         if not isinstance(name, str) or name in sections:
             raise ManifestError(f"{where}: name must be a unique string, got {name!r}")
-        if not isinstance(encoding, str) or encoding not in ENCODINGS:
+        if not isinstance(encoding, str) or encoding not in known:
             raise ManifestError(
-                f"{where} ({name}): encoding {encoding!r} is not one of {', '.join(ENCODINGS)}"
+                f"{where} ({name}): encoding {encoding!r} is not one of {', '.join(known)}"
             )
+        if encoding in ("bits", "delta") and name not in index_k:
+            raise ManifestError(f"{where} ({name}): {encoding} section is no layer's indices")
         if not isinstance(entry["shape"], list) or len(entry["shape"]) > 8:
             raise ManifestError(f"{where} ({name}): shape must be a list of at most 8 sizes")
         shape = tuple(_int(v, f"{where} ({name}) shape", 0) for v in entry["shape"])
         count = math.prod(shape)
-        if encoding == "bits":
-            if len(shape) != 1:
-                raise ManifestError(f"{where} ({name}): packed indices have shape [count]")
-            expected = B.packed_length(count, B.bits_for(k))
-        else:
-            expected = count * ENCODINGS[encoding]
+        if encoding in ("bits", "delta") and len(shape) != 1:
+            raise ManifestError(f"{where} ({name}): indices have shape [count]")
         length = _int(entry["length"], f"{where} ({name}) length", 0, payload_length)
         offset = _int(entry["offset"], f"{where} ({name}) offset", 0, payload_length)
         crc = _int(entry["crc32"], f"{where} ({name}) crc32", 0, 0xFFFFFFFF)
+        params = (0, 0, 0)
+        if encoding == "delta":
+            params = _delta_params(entry, count, index_k[name], length, f"{where} ({name})")
+            expected = length  # the decoder checks that the streams fill it exactly
+        elif encoding == "bits":
+            expected = B.packed_length(count, B.bits_for(index_k[name]))
+        else:
+            expected = count * ENCODINGS[encoding]
         if length != expected:
             raise LayoutError(
                 f"{where} ({name}): length {length} does not fit shape {list(shape)} ({expected} bytes)"
@@ -516,12 +696,26 @@ def _validate_sections(entries: Any, k: int, payload_length: int) -> dict[str, S
             raise LayoutError(
                 f"{where} ({name}) ends at {expected_offset}, past the payload ({payload_length})"
             )
-        sections[name] = Section(name, encoding, shape, offset, length, crc)
+        sections[name] = Section(name, encoding, shape, offset, length, crc, *params)
     if expected_offset != payload_length:
         raise LayoutError(
             f"sections end at {expected_offset} but the payload is {payload_length} bytes"
         )
     return sections
+
+
+def _delta_params(
+    entry: dict[str, Any], count: int, k: int, length: int, where: str
+) -> tuple[int, ...]:
+    changes = _int(entry["changes"], f"{where} changes", 0, count)
+    g = _int(entry["gap_param"], f"{where} gap_param", 0, D.MAX_GAP_PARAM)
+    r = _int(entry["rank_param"], f"{where} rank_param", 0, D.MAX_RANK_PARAM)
+    if changes == 0 and (g or r or length):
+        raise LayoutError(f"{where}: no changes, so length and parameters must be 0")
+    # each unary stream (one, or two above K=2) holds at least one bit per change
+    if length < (1 if k == 2 else 2) * -(-changes // 8):
+        raise LayoutError(f"{where}: {length} bytes cannot hold {changes} changes")
+    return changes, g, r
 
 
 def _check_references(layers, tensors, sections: dict[str, Section]) -> None:
@@ -532,7 +726,7 @@ def _check_references(layers, tensors, sections: dict[str, Section]) -> None:
                 raise ManifestError(f"layer {pos}: section {name!r} is not declared")
             s = sections[name]
             if role == "indices":
-                want, encodings = (math.prod(layer.weight_shape),), ("bits",)
+                want, encodings = (math.prod(layer.weight_shape),), ("bits", "delta")
             else:
                 size = (
                     layer.num_features
@@ -551,8 +745,11 @@ def _check_references(layers, tensors, sections: dict[str, Section]) -> None:
 
 
 def _check_payload(
-    payload: memoryview, sections: dict[str, Section], bits: int, verify: bool
+    payload: memoryview, sections: dict[str, Section], weights: tuple[Weights, ...], verify: bool
 ) -> None:
+    """Padding, CRCs (``verify``) and the indices themselves: every path that reads a file
+    gets only indices below K (§2.3, §2.6), whatever it later does with them."""
+    k_of = {w.section: w.k for w in weights}
     end = 0
     for s in sections.values():
         if any(payload[end : s.offset]):
@@ -560,6 +757,29 @@ def _check_payload(
         body = payload[s.offset : s.offset + s.length]
         if verify and _crc(body) != s.crc32:
             raise ChecksumError(f"section {s.name}: CRC-32 mismatch, the data is corrupt")
-        if s.encoding == "bits" and s.length and not B.padding_is_zero(body, s.count, bits):
-            raise LayoutError(f"section {s.name}: unused bits of the last byte are not zero")
+        if s.encoding == "bits":
+            _check_bits(body, s, k_of[s.name])
+        elif s.encoding == "delta":
+            _check_delta(body, s, k_of[s.name])
         end = s.offset + s.length
+
+
+def _check_bits(body: memoryview, s: Section, k: int) -> None:
+    bits = B.bits_for(k)
+    if s.length and not B.padding_is_zero(body, s.count, bits):
+        raise LayoutError(f"section {s.name}: unused bits of the last byte are not zero")
+    if k < 1 << bits:
+        for a in range(0, s.count, 1 << 20):  # blocks: a bounded temporary per step
+            n = min(1 << 20, s.count - a)
+            chunk = body[a * bits // 8 : (a * bits + n * bits + 7) // 8]
+            if n and int(B.unpack(chunk, n, bits).max()) >= k:
+                raise ManifestError(f"section {s.name}: an index is >= K={k}")
+
+
+def _check_delta(body: memoryview, s: Section, k: int) -> None:
+    """The streams parse to exactly the declared changes and ranks (no generator needed)."""
+    try:
+        D.check(body, count=s.count, k=k, changes=s.changes, gap_param=s.gap_param,
+                rank_param=s.rank_param)
+    except D.DeltaError as exc:
+        raise LayoutError(f"section {s.name}: {exc}") from None

@@ -181,19 +181,32 @@ class _SlotMixin(nn.Module):
         device: torch.device | str | None,
         lean: bool = False,
         score_dtype: str = "float32",
+        init: str = "onedraw",
+        stick: float = 0.0,
     ) -> None:
         if k < 2:
             raise ConfigError(f"K must be >= 2, got {k}")
+        if init not in prng.INITS:
+            raise ConfigError(f"unknown init {init!r}; choose one of: {', '.join(prng.INITS)}")
+        if not (stick >= 0 and math.isfinite(stick)):
+            raise ConfigError(f"the rate margin must be a finite number >= 0, got {stick}")
         if selection not in SELECTIONS:
             raise ConfigError(
                 f"unknown selection {selection!r}; choose one of: {', '.join(SELECTIONS)}"
             )
         self.weight_shape = tuple(weight_shape)
         self.k, self.seed, self.layer, self.selection = k, seed, layer, selection
+        self.init = init
         dtype = score_torch_dtype(score_dtype)
         self.bound = prng.glorot_bound(*fans)
         n = math.prod(weight_shape)
-        scores = prng.initial_scores_torch(seed, layer, n, k, self.bound, device)
+        scores = prng.initial_scores_torch(seed, layer, n, k, self.bound, device, init=init)
+        if stick and selection == "greedy":
+            # Rate-aware training: leaving the reference slot (the initial argmax, which a
+            # reader regenerates) costs a margin of ``stick`` bounds, so only connections whose
+            # gradient insists change, and the delta coding stores fewer changes (§2.6).
+            rows = torch.arange(n, device=scores.device)
+            scores[rows, scores.argmax(1)] += stick * self.bound
         self.scores = nn.Parameter(scores.to(dtype))
         self.lean = lean
         # Which code a lean layer runs ("auto", "torch", "triton"; slotpack.kernels); results
@@ -205,6 +218,13 @@ class _SlotMixin(nn.Module):
         self.grad_reducer: GradReducer | None = None
         out = weight_shape[0]
         self.bias = nn.Parameter(torch.zeros(out, device=device)) if bias else None
+
+    @property
+    def reference_rule(self) -> str:
+        """How a reader regenerates this layer's reference slot (docs/FORMAT.md §1.8)."""
+        if self.selection == "probabilistic":
+            return "draw"
+        return "onedraw" if self.init == "onedraw" else "argmax"
 
     def selected_index(self) -> torch.Tensor:
         """Flat [connections] index of the value each connection uses now (``select_index``)."""
@@ -300,12 +320,16 @@ class SlotLinear(_SlotMixin):
         device: torch.device | str | None = None,
         lean: bool = False,
         score_dtype: str = "float32",
+        init: str = "onedraw",
+        stick: float = 0.0,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         shape = (out_features, in_features)
         fans = (in_features, out_features)
-        self._init_slots(shape, fans, k, seed, layer, selection, bias, device, lean, score_dtype)
+        self._init_slots(
+            shape, fans, k, seed, layer, selection, bias, device, lean, score_dtype, init, stick
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._with_weight(lambda w: F.linear(x, w, self.bias))
@@ -332,6 +356,8 @@ class SlotConv2d(_SlotMixin):
         device: torch.device | str | None = None,
         lean: bool = False,
         score_dtype: str = "float32",
+        init: str = "onedraw",
+        stick: float = 0.0,
     ) -> None:
         super().__init__()
         if in_channels % groups or out_channels % groups:
@@ -342,7 +368,9 @@ class SlotConv2d(_SlotMixin):
         rf = kernel_size * kernel_size
         shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
         fans = ((in_channels // groups) * rf, out_channels * rf)
-        self._init_slots(shape, fans, k, seed, layer, selection, bias, device, lean, score_dtype)
+        self._init_slots(
+            shape, fans, k, seed, layer, selection, bias, device, lean, score_dtype, init, stick
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._with_weight(

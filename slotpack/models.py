@@ -29,6 +29,8 @@ def _weighted_module(
     device,
     lean: bool = False,
     score_dtype: str = "float32",
+    init: str = "onedraw",
+    stick: float = 0.0,
 ) -> nn.Module:
     if method == "slot":
         common = dict(
@@ -39,6 +41,8 @@ def _weighted_module(
             device=device,
             lean=lean,
             score_dtype=score_dtype,
+            init=init,
+            stick=stick,
         )
         if isinstance(layer, A.Linear):
             return SlotLinear(layer.in_features, layer.out_features, k, **common)
@@ -112,6 +116,8 @@ class Net(nn.Sequential):
         device=None,
         lean: bool = False,
         score_dtype: str = "float32",
+        init: str = "onedraw",
+        stick: float = 0.0,
     ):
         modules: list[nn.Module] = []
         index = 0
@@ -119,7 +125,8 @@ class Net(nn.Sequential):
             if isinstance(layer, A.WEIGHTED):
                 modules.append(
                     _weighted_module(
-                        layer, index, method, k, selection, seed, device, lean, score_dtype
+                        layer, index, method, k, selection, seed, device, lean, score_dtype,
+                        init, stick,
                     )
                 )
                 index += 1
@@ -129,7 +136,7 @@ class Net(nn.Sequential):
         if device is not None:
             self.to(device)  # BatchNorm running statistics
         self.arch, self.method, self.k, self.selection, self.seed = arch, method, k, selection, seed
-        self.lean = lean
+        self.lean, self.init = lean, init
 
     def weighted_layers(self) -> list[nn.Module]:
         """The Linear/Conv2d (slot or dense) modules in generator layer order."""
@@ -146,11 +153,16 @@ def create(
     device: torch.device | str | None = None,
     lean: bool = False,
     score_dtype: str = "float32",
+    init: str = "onedraw",
+    stick: float = 0.0,
 ) -> Net:
     """Build zoo model ``name`` as a slot network (any K >= 2) or its dense ``learned`` twin.
 
     ``lean`` keeps no value bank in memory (slot layers regenerate values from the generator);
-    ``score_dtype`` ("float32" or "bfloat16") is the dtype of the slot layers' scores."""
+    ``score_dtype`` ("float32" or "bfloat16") is the dtype of the slot layers' scores; ``init``
+    how initial scores are drawn ("onedraw": the argmax slot first, so a reader regenerates it
+    from one value; "uniform": K independent draws, runs before format version 2);
+    ``stick`` the rate-aware margin (in layer bounds) of the initial argmax slot."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     if selection not in SELECTIONS:
@@ -162,7 +174,7 @@ def create(
     if not 0 <= seed < 2**64:
         raise ConfigError(f"seed must be in [0, 2**64), got {seed}")
     score_torch_dtype(score_dtype)
-    return Net(A.get(name), method, k, selection, seed, device, lean, score_dtype)
+    return Net(A.get(name), method, k, selection, seed, device, lean, score_dtype, init, stick)
 
 
 def dense_from_slot(model: Net) -> Net:

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, prng
 from . import arch as A
 from . import bits as B
+from . import delta as D
 from . import format as F
 from .errors import CheckpointError, ConfigError
 
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     from .models import Net
 
 ENCODINGS = ("float32", "float16")
+# How indices are stored (docs/FORMAT.md §2.3, §2.6): "auto" picks the smaller of the two per
+# layer (ties: bits, which keeps random access).
+INDEX_ENCODINGS = ("auto", "bits", "delta")
 
 
 @dataclass(frozen=True)
@@ -50,11 +54,35 @@ class PackInfo:
         return self.float32_size / self.size
 
 
+def encode_indices(
+    index: np.ndarray,
+    *,
+    seed: int,
+    number: int,
+    layer: A.Linear | A.Conv2d,
+    k: int,
+    reference: str,
+    encoding: str = "auto",
+) -> tuple[str, bytes | D.Delta]:
+    """One weighted layer's indices as ("bits", bytes) or ("delta", Delta), per ``encoding``."""
+    bits = ("bits", B.pack(index, B.bits_for(k)))
+    if encoding == "bits":
+        return bits
+    n, bound = index.size, prng.glorot_bound(*layer.fans)
+    ref = prng.reference_np(seed, number, n, k, bound, reference)
+    delta = D.encode(
+        index, ref, k, lambda pos: prng.reference_order_np(seed, number, pos, k, bound, reference)
+    )
+    if encoding == "delta" or len(delta.data) < len(bits[1]):
+        return "delta", delta
+    return bits
+
+
 def encode_selection(
     arch: A.Arch,
     *,
     seed: int,
-    k: int,
+    k: int | tuple[int, ...],
     selection: str,
     indices: list[np.ndarray],
     tensors: dict[str, np.ndarray],
@@ -62,32 +90,52 @@ def encode_selection(
     std: tuple[float, ...],
     metadata: dict[str, Any] | None = None,
     encoding: str = "float32",
+    references: tuple[str, ...] | None = None,
+    index_encoding: str = "auto",
+    version: int = F.FORMAT_VERSION,
 ) -> bytes:
     """File bytes for ``arch`` with one index array per weighted layer and the dense tensors.
 
     ``tensors`` maps section names (``"<position>.<role>"``: bias, running_mean, running_var) to
-    arrays; ``encoding`` stores them as float32 or float16.
+    arrays; ``encoding`` stores them as float32 or float16. ``k`` is one K or one per weighted
+    layer; ``references`` each layer's reference rule (default: that of a "uniform" init);
+    ``index_encoding`` "auto" (the smaller per layer), "bits" or "delta" (version 2 only).
     """
     if encoding not in ENCODINGS:
         raise ConfigError(
             f"unknown tensor encoding {encoding!r}; choose one of: {', '.join(ENCODINGS)}"
         )
-    bits = B.bits_for(k)
-    blobs: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    if index_encoding not in INDEX_ENCODINGS:
+        raise ConfigError(
+            f"unknown index encoding {index_encoding!r}; choose one of: {', '.join(INDEX_ENCODINGS)}"
+        )
+    if version == 1:
+        index_encoding = "bits"
     weighted = [
         (pos, layer) for pos, layer in enumerate(arch.layers) if isinstance(layer, A.WEIGHTED)
     ]
-    if len(indices) != len(weighted):
-        raise ConfigError(f"{len(indices)} index arrays for {len(weighted)} weighted layers")
-    for (pos, layer), idx in zip(weighted, indices, strict=True):
+    ks = (k,) * len(weighted) if isinstance(k, int) else tuple(k)
+    refs = references or (F.implicit_reference(selection),) * len(weighted)
+    if len(indices) != len(weighted) or len(ks) != len(weighted):
+        raise ConfigError(
+            f"{len(indices)} index arrays and {len(ks)} K for {len(weighted)} weighted layers"
+        )
+    blobs: dict[str, tuple[str, tuple[int, ...], bytes | D.Delta]] = {}
+    for number, ((pos, layer), idx, k_i) in enumerate(zip(weighted, indices, ks, strict=True)):
         idx = np.asarray(idx).reshape(-1)
         if idx.size != math.prod(layer.weight_shape):
             raise ConfigError(
                 f"layer {pos}: {idx.size} indices for {math.prod(layer.weight_shape)} connections"
             )
-        if idx.size and (idx.min() < 0 or idx.max() >= k):
-            raise ConfigError(f"layer {pos}: indices must lie in [0, {k})")
-        blobs[F.section_name(pos, "indices")] = ("bits", (idx.size,), B.pack(idx, bits))
+        if not 2 <= k_i <= F.MAX_K:
+            raise ConfigError(f"layer {pos}: K must be in 2..{F.MAX_K}, got {k_i}")
+        if idx.size and (idx.min() < 0 or idx.max() >= k_i):
+            raise ConfigError(f"layer {pos}: indices must lie in [0, {k_i})")
+        kind, data = encode_indices(
+            idx, seed=seed, number=number, layer=layer, k=k_i, reference=refs[number],
+            encoding=index_encoding,
+        )  # fmt: skip
+        blobs[F.section_name(pos, "indices")] = (kind, (idx.size,), data)
     dtype = np.dtype("<f4") if encoding == "float32" else np.dtype("<f2")
     for name, array in tensors.items():
         array = np.asarray(array, dtype=np.float32)
@@ -95,7 +143,7 @@ def encode_selection(
     return F.encode(
         layers=arch.layers,
         seed=seed,
-        k=k,
+        k=ks,
         selection=selection,
         input_shape=arch.input_shape,
         mean=mean,
@@ -103,6 +151,44 @@ def encode_selection(
         num_classes=arch.num_classes,
         blobs=blobs,
         metadata=metadata,
+        references=refs,
+        version=version,
+    )
+
+
+def repack(
+    source: F.SlotFile, *, index_encoding: str = "auto", encoding: str | None = None
+) -> bytes:
+    """A version 2 file with the same network as ``source`` (either version), indices
+    re-encoded; dense tensors keep their encoding unless ``encoding`` says. Lossless: the
+    rebuilt weights are bit-identical."""
+    arch = A.Arch(
+        "file", str(source.manifest["metadata"].get("dataset", "")), source.input_shape,
+        source.layers, source.manifest["num_classes"],
+    )  # fmt: skip
+    indices = [source.indices(w.section) for w in source.weights]
+    tensors, kinds = {}, set()
+    for roles in source.tensors:
+        for role, name in roles.items():
+            if role != "indices":
+                tensors[name] = source.tensor(name)
+                kinds.add(source.sections[name].encoding)
+    if encoding is None:
+        encoding = "float16" if kinds == {"float16"} else "float32"
+    inp = source.manifest["input"]
+    return encode_selection(
+        arch,
+        seed=source.seed,
+        k=source.ks,
+        selection=source.manifest["selection"],
+        indices=indices,
+        tensors=tensors,
+        mean=tuple(inp["mean"]),
+        std=tuple(inp["std"]),
+        metadata=source.manifest["metadata"],
+        encoding=encoding,
+        references=tuple(w.reference for w in source.weights),
+        index_encoding=index_encoding,
     )
 
 
@@ -124,6 +210,7 @@ def pack_model(
     encoding: str = "float32",
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    index_encoding: str = "auto",
 ) -> tuple[bytes, PackInfo]:
     """Pack a slot ``Net`` (the indices its evaluation uses) into file bytes.
 
@@ -138,10 +225,11 @@ def pack_model(
     if mean is None or std is None:
         spec = data.spec(model.arch.dataset)
         mean, std = spec.mean, spec.std
-    indices, tensors = [], {}
+    indices, tensors, refs = [], {}, []
     for pos, (layer, module) in enumerate(zip(model.arch.layers, model, strict=True)):
         if isinstance(layer, A.WEIGHTED):
             indices.append(_deployed_index(module))
+            refs.append(module.reference_rule)
             if module.bias is not None:
                 tensors[F.section_name(pos, "bias")] = module.bias.detach().cpu().numpy()
         elif isinstance(layer, A.BatchNorm2d):
@@ -158,6 +246,8 @@ def pack_model(
         std=std,
         metadata=metadata,
         encoding=encoding,
+        references=tuple(refs),
+        index_encoding=index_encoding,
     )
     info = PackInfo(len(blob), model.arch.num_connections, sum(t.size for t in tensors.values()))
     return blob, info
@@ -182,7 +272,9 @@ def run_metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def pack_checkpoint(path: Path | str, *, encoding: str = "float32") -> tuple[bytes, PackInfo]:
+def pack_checkpoint(
+    path: Path | str, *, encoding: str = "float32", index_encoding: str = "auto"
+) -> tuple[bytes, PackInfo]:
     """Pack a run folder (its best checkpoint) or a checkpoint file; loads it safely."""
     from .train import load_checkpoint, model_from_checkpoint
 
@@ -193,4 +285,6 @@ def pack_checkpoint(path: Path | str, *, encoding: str = "float32") -> tuple[byt
             "only slot models pack into .slot files"
         )
     model = model_from_checkpoint(ckpt, "cpu")
-    return pack_model(model, metadata=run_metadata(ckpt), encoding=encoding)
+    return pack_model(
+        model, metadata=run_metadata(ckpt), encoding=encoding, index_encoding=index_encoding
+    )

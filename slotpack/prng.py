@@ -35,6 +35,15 @@ MANTISSA_BITS = 24  # values lie on a 2**-24 grid of [0, 1), i.e. 2**-23 steps o
 SCORE_STREAM_SALT = 0x5C0E5C0E5C0E5C0E
 # The fixed draw that deploys a probabilistic model has its own stream too.
 DRAW_STREAM_SALT = 0xD2A3D2A3D2A3D2A3
+# The reference slot of the "onedraw" initialisation (docs/FORMAT.md §1.8): one output per
+# connection, so a reader regenerates the initial choice at the cost of one value.
+REFERENCE_STREAM_SALT = 0x4EF0D4A74EF0D4A7
+# Training only: the maximum initial score of an "onedraw" connection.
+MAXIMUM_STREAM_SALT = 0x3A7C3A7C3A7C3A7C
+# How a layer's initial scores were drawn, and so how a reader finds the reference slot
+# (docs/FORMAT.md §1.7-1.8). "uniform": K independent scores, reference = their argmax (K values
+# per connection to regenerate); "onedraw": the argmax slot drawn first (one value per connection).
+INITS = ("uniform", "onedraw")
 # numpy halves work on blocks of this many counters: their uint64 temporaries (128 KiB each) stay
 # in L2, and small models keep the peak memory of a rebuild under twice their dense size.
 NP_BLOCK = 1 << 14
@@ -65,6 +74,16 @@ def score_key(seed: int, layer: int) -> int:
 def draw_key(seed: int, layer: int) -> int:
     """Key of the stream of a probabilistic layer's fixed draw (training side, never stored)."""
     return layer_key(seed ^ DRAW_STREAM_SALT, layer)
+
+
+def reference_key(seed: int, layer: int) -> int:
+    """Key of the stream that draws each connection's initial (reference) slot, init "onedraw"."""
+    return layer_key(seed ^ REFERENCE_STREAM_SALT, layer)
+
+
+def maximum_key(seed: int, layer: int) -> int:
+    """Key of the stream of the largest initial score, init "onedraw" (training only)."""
+    return layer_key(seed ^ MAXIMUM_STREAM_SALT, layer)
 
 
 def glorot_bound(fan_in: int, fan_out: int) -> float:
@@ -152,6 +171,117 @@ def selected_np(seed: int, layer: int, index: np.ndarray, k: int, bound: float) 
         c += index[start:stop].astype(np.uint64)
         out[start:stop] = _values_block_np(key, c, bound32)
     return out
+
+
+def _grid_np(key: int, start: int, stop: int) -> np.ndarray:
+    """The 24-bit integers (bits >> 40) of counters start..stop-1 (uint64)."""
+    z = _splitmix(np.arange(start, stop, dtype=np.uint64), key, _NP)
+    z >>= np.uint64(64 - MANTISSA_BITS)
+    return z
+
+
+def initial_scores_np(
+    seed: int, layer: int, n: int, k: int, bound: float, init: str = "uniform"
+) -> np.ndarray:
+    """The initial scores float32 [n, k] of §1.7 (numpy twin of :func:`initial_scores_torch`)."""
+    if init == "onedraw":
+        return _onedraw_scores_np(seed, layer, n, k, bound)
+    grid = _grid_np(score_key(seed, layer), 0, n * k).astype(np.float32)
+    grid *= np.float32(bound)
+    grid *= np.float32(2.0**-MANTISSA_BITS)
+    return grid.reshape(n, k)
+
+
+REFERENCE_RULES = ("argmax", "onedraw", "draw")
+
+
+def _order_grid_np(seed: int, layer: int, positions: np.ndarray, k: int, rule: str) -> np.ndarray:
+    """The 24-bit initial draws [len, K] that order a connection's slots (§1.8)."""
+    key = draw_key(seed, layer) if rule == "draw" else score_key(seed, layer)
+    counters = positions.astype(np.uint64)[:, None] * np.uint64(k) + np.arange(k, dtype=np.uint64)
+    z = _splitmix(counters, key, _NP)
+    z >>= np.uint64(64 - MANTISSA_BITS)
+    return z
+
+
+def _reference_at(
+    seed: int, layer: int, positions: np.ndarray, k: int, bound: float, rule: str
+) -> np.ndarray:
+    if rule == "onedraw":
+        z = _splitmix(positions.astype(np.uint64), reference_key(seed, layer), _NP)
+        z >>= np.uint64(32)
+        z *= np.uint64(k)
+        z >>= np.uint64(32)
+        return z.astype(np.int64)
+    if rule not in REFERENCE_RULES:
+        raise ValueError(f"unknown reference rule {rule!r}; known: {', '.join(REFERENCE_RULES)}")
+    grid = _order_grid_np(seed, layer, positions, k, rule)
+    if rule == "argmax":  # the scores' own float32 rounding, so ties fall as torch's argmax
+        scores = grid.astype(np.float32)
+        scores *= np.float32(bound)
+        return scores.argmax(1)
+    return grid.argmax(1)
+
+
+def reference_np(
+    seed: int, layer: int, n: int, k: int, bound: float, rule: str
+) -> np.ndarray:
+    """The reference slot (uint16) of connections 0..n-1 under ``rule`` (§1.8).
+
+    "argmax": the first maximum of the "uniform" initial scores (K draws per connection);
+    "onedraw": one draw per connection; "draw": the first maximum of the fixed-draw stream's
+    24-bit integers (probabilistic models).
+    """
+    out = np.empty(n, dtype=np.uint16)
+    step = max(1, NP_BLOCK // (1 if rule == "onedraw" else k))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        out[a:b] = _reference_at(seed, layer, np.arange(a, b), k, bound, rule)
+    return out
+
+
+def reference_order_np(
+    seed: int, layer: int, positions: np.ndarray, k: int, bound: float, rule: str
+) -> np.ndarray:
+    """Each connection's slots in reference order, int64 [len(positions), K] (§1.8): the
+    reference slot first, then the others by decreasing initial draw (ties: lower slot first)."""
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+    out = np.empty((positions.size, k), dtype=np.int64)
+    step = max(1, NP_BLOCK // k)
+    slots = np.arange(k, dtype=np.int64)
+    for a in range(0, positions.size, step):
+        pos = positions[a : a + step]
+        grid = _order_grid_np(seed, layer, pos, k, rule).astype(np.int64)
+        rank_key = ((1 << MANTISSA_BITS) - 1 - grid) * k + slots  # decreasing draw, then slot
+        rank_key[np.arange(pos.size), _reference_at(seed, layer, pos, k, bound, rule)] = -1
+        out[a : a + step] = np.argsort(rank_key, axis=1)
+    return out
+
+
+def _onedraw_scores_np(seed: int, layer: int, n: int, k: int, bound: float) -> np.ndarray:
+    """Scores whose argmax is the reference slot (§1.8): see :func:`_onedraw_scores`."""
+    ref = reference_np(seed, layer, n, k, bound, "onedraw")
+    top = _grid_np(maximum_key(seed, layer), 0, n).astype(np.float64)
+    others = _grid_np(score_key(seed, layer), 0, n * k).astype(np.float32).reshape(n, k)
+    return _onedraw_scores(np, ref.astype(np.int64), top, others, k, bound)
+
+
+def _onedraw_scores(xp: Any, ref: Any, top: Any, others: Any, k: int, bound: float) -> Any:
+    """Shared by both halves. ``top`` (float64) and ``others`` (float32) hold 24-bit integers.
+
+    The largest score is bound * w with w = ((top + 1/2) / 2**24) ** (1/K), the law of the
+    maximum of K uniforms; the others are float32(m * u) with u uniform on the 2**-24 grid of
+    [0, 1), which rounds strictly below m for any normal m > 0, so the argmax is exactly ``ref``.
+    The joint law is that of K independent U[0, bound) scores. Training only: a reader needs
+    ``ref``, never these floats (pow may differ in its last bit between libraries).
+    """
+    m = ((top + 0.5) * 2.0**-MANTISSA_BITS) ** (1.0 / k) * bound
+    m = m.astype(np.float32) if xp is np else m.to(others.dtype)
+    others *= 2.0**-MANTISSA_BITS  # exact: the grid in [0, 1)
+    others *= m[:, None]
+    rows = xp.arange(others.shape[0])
+    others[rows, ref] = m
+    return others
 
 
 # --------------------------------------------------------------------------- torch half
@@ -269,9 +399,41 @@ def uniform_torch(key: int, n: int, device: torch.device | str | None = None) ->
 
 
 def initial_scores_torch(
-    seed: int, layer: int, n: int, k: int, bound: float, device: torch.device | str | None = None
+    seed: int,
+    layer: int,
+    n: int,
+    k: int,
+    bound: float,
+    device: torch.device | str | None = None,
+    init: str = "uniform",
 ) -> torch.Tensor:
-    """Scores U[0, bound) on the 2**-24 grid, as the reference code's U(0, bound) initialisation."""
+    """Scores U[0, bound) on the 2**-24 grid, as the reference code's U(0, bound) initialisation.
+
+    ``init="onedraw"`` draws the same law with the argmax slot first (§1.8)."""
     half = float(1 << (MANTISSA_BITS - 1))
+    if init == "onedraw":
+        import torch
+
+        ref = reference_torch(seed, layer, n, k, device)
+        top = _scaled_range_torch(maximum_key(seed, layer), 0, n, 1.0, half, 1.0, device)
+        others = _scaled_range_torch(score_key(seed, layer), 0, n * k, 1.0, half, 1.0, device)
+        return _onedraw_scores(torch, ref, top.double(), others.view(n, k), k, bound)
+    if init != "uniform":
+        raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
     key = score_key(seed, layer)
     return _scaled_range_torch(key, 0, n * k, bound, half, 2.0**-MANTISSA_BITS, device).view(n, k)
+
+
+def reference_torch(
+    seed: int, layer: int, n: int, k: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The "onedraw" reference slot of connections 0..n-1 (int64), as :func:`reference_np`."""
+    import torch
+
+    key = reference_key(seed, layer)
+    out = torch.empty(n, dtype=torch.int64, device=device)
+    step = _torch_block(out.device)
+    for a in range(0, n, step):
+        z = _splitmix(torch.arange(a, min(n, a + step), dtype=torch.int64, device=device), key, _TORCH)
+        out[a : a + step] = (_TORCH.shr(z, 32) * k) >> 32  # < 2**32 * 2**16: no int64 overflow
+    return out

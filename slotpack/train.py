@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from . import __version__, data, kernels, layers, models, optim
+from . import __version__, data, kernels, layers, models, optim, prng
 from . import arch as A
 from . import distributed as D
 from .atomic import replacing, write_bytes
@@ -58,6 +58,8 @@ class TrainConfig:
     lean: bool = False  # slot layers keep no value bank in memory (same results, less memory)
     score_dtype: str = "float32"  # or "bfloat16": scores, their gradient and momentum
     step_in_backward: bool = False  # SGD step per parameter inside backward (same results)
+    init: str = "onedraw"  # initial scores: "onedraw" or "uniform" (runs before format 2)
+    rate: float = 0.0  # rate-aware margin of the reference slot, in layer bounds (0: none)
 
     def __post_init__(self) -> None:
         arch = A.get(self.model)
@@ -88,6 +90,12 @@ class TrainConfig:
         if not 0 <= self.seed < 2**64:
             raise ConfigError(f"seed must be in [0, 2**64), got {self.seed}")
         score_torch_dtype(self.score_dtype)
+        if self.init not in prng.INITS:
+            raise ConfigError(f"unknown init {self.init!r}; choose one of: {', '.join(prng.INITS)}")
+        if not (self.rate >= 0 and math.isfinite(self.rate)):
+            raise ConfigError(f"--rate must be a finite number >= 0, got {self.rate}")
+        if self.rate and (self.method != "slot" or self.selection != "greedy"):
+            raise ConfigError("--rate applies to greedy slot models")
         if self.method != "slot" and self.score_dtype != "float32":
             raise ConfigError("--score-dtype applies to slot models; learned models have no scores")
 
@@ -127,6 +135,7 @@ class TrainConfig:
         if unknown:
             raise CheckpointError(f"checkpoint config has unknown keys {sorted(unknown)}")
         d = dict(d)
+        d.setdefault("init", "uniform")  # checkpoints written before "onedraw" existed
         if d.get("milestones") is not None:
             d["milestones"] = tuple(d["milestones"])
         return cls(**d)
@@ -255,6 +264,8 @@ def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> models.
         device=device,
         lean=cfg.lean,
         score_dtype=cfg.score_dtype,
+        init=cfg.init,
+        stick=cfg.rate,
     )
 
 

@@ -1,0 +1,222 @@
+"""The ``delta`` index coding (docs/FORMAT.md §2.6): only the connections that left their
+reference slot, numpy only.
+
+Most connections of a trained slot network still use the slot their seeded initial scores chose
+(the reference slot, regenerable from the seed: ``prng.reference_np``). A delta section stores
+
+- where the changed connections are: the gaps between them, Rice-coded;
+- which slot each changed connection uses: its rank in the connection's *reference order* (the
+  reference slot first, then the others by decreasing initial draw), Rice-coded. The new slot is
+  usually the runner-up of the initial scores, so small ranks dominate.
+
+Every Rice code is split into a unary stream of quotients and a fixed-width stream of remainders,
+so decoding is a handful of vectorised numpy passes: the zeros of a unary stream end its codes.
+Decoding is bounded by the declared counts: nothing larger than the declared output is allocated
+and a stream that does not parse raises :class:`DeltaError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_GAP_PARAM = 31
+MAX_RANK_PARAM = 15
+BLOCK = 1 << 14
+
+# order(positions) -> the slots of those connections in reference order, int64 [len, K]
+Order = Callable[[np.ndarray], np.ndarray]
+
+
+class DeltaError(ValueError):
+    """A delta stream does not decode to the declared counts (the format maps it to its error)."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """An encoded delta section: its bytes and the parameters its manifest entry declares."""
+
+    data: bytes
+    changes: int
+    gap_param: int
+    rank_param: int
+
+
+# ------------------------------------------------------------------------- Rice streams
+
+
+def _unary(q: np.ndarray) -> bytes:
+    """Each value as that many one-bits and a terminating zero-bit, packed MSB first."""
+    bits = np.ones(int(q.sum()) + q.size, dtype=np.uint8)
+    bits[np.cumsum(q + 1) - 1] = 0
+    return np.packbits(bits).tobytes()
+
+
+def _fixed(values: np.ndarray, width: int) -> bytes:
+    """Values as ``width``-bit fields, MSB first, packed without gaps (empty for width 0)."""
+    if width == 0 or values.size == 0:
+        return b""
+    out = []
+    shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
+    for a in range(0, values.size, BLOCK):
+        v = values[a : a + BLOCK].astype(np.uint64)
+        out.append(((v[:, None] >> shifts) & np.uint64(1)).astype(np.uint8).reshape(-1))
+    return np.packbits(np.concatenate(out)).tobytes()
+
+
+def rice_length(values: np.ndarray, param: int) -> int:
+    """Bytes of the two streams of ``values`` Rice-coded with ``param`` (each padded to bytes)."""
+    unary_bits = int((values >> param).sum()) + values.size
+    return -(-unary_bits // 8) + -(-values.size * param // 8)
+
+
+def best_param(values: np.ndarray, limit: int) -> int:
+    """The Rice parameter in 0..limit that codes ``values`` in the fewest bytes (ties: smallest)."""
+    if values.size == 0:
+        return 0
+    top = min(limit, max(0, int(values.max()).bit_length()))
+    lengths = [rice_length(values, p) for p in range(top + 1)]
+    return int(np.argmin(lengths))
+
+
+def rice_encode(values: np.ndarray, param: int) -> bytes:
+    """The unary stream of ``values >> param`` then the ``param``-bit remainders (byte-aligned)."""
+    values = values.astype(np.int64)
+    rem = values & ((1 << param) - 1)
+    return _unary(values >> param) + _fixed(rem, param)
+
+
+def _read_unary(view: np.ndarray, start: int, count: int, max_bits: int) -> tuple[np.ndarray, int]:
+    """``count`` unary codes from byte ``start``; returns the quotients and the next byte."""
+    if count == 0:
+        return np.zeros(0, dtype=np.int64), start
+    nbytes = min(view.size - start, -(-max_bits // 8))
+    bits = np.unpackbits(view[start : start + nbytes])
+    zeros = np.flatnonzero(bits[:max_bits] == 0)
+    if zeros.size < count:
+        raise DeltaError(f"a unary stream ends after {zeros.size} of {count} codes")
+    zeros = zeros[:count]
+    end = int(zeros[-1]) + 1
+    if bits[end : -(-end // 8) * 8].any():
+        raise DeltaError("the padding after a unary stream is not zero")
+    q = np.diff(zeros, prepend=-1) - 1
+    return q, start + -(-end // 8)
+
+
+def _read_fixed(view: np.ndarray, start: int, count: int, width: int) -> tuple[np.ndarray, int]:
+    nbytes = -(-count * width // 8)
+    if width == 0 or count == 0:
+        return np.zeros(count, dtype=np.int64), start
+    if start + nbytes > view.size:
+        raise DeltaError("a remainder stream runs past the end of the section")
+    bits = np.unpackbits(view[start : start + nbytes])
+    if bits[count * width :].any():
+        raise DeltaError("the padding after a remainder stream is not zero")
+    out = np.zeros(count, dtype=np.int64)
+    fields = bits[: count * width].reshape(count, width)
+    for j in range(width):
+        out <<= 1
+        out |= fields[:, j]
+    return out, start + nbytes
+
+
+def rice_decode(
+    view: np.ndarray, start: int, count: int, param: int, max_total: int
+) -> tuple[np.ndarray, int]:
+    """``count`` Rice-coded values from byte ``start`` whose quotients add up to at most
+    ``max_total >> param`` (the reader's bound); returns the values and the next byte."""
+    q, start = _read_unary(view, start, count, (max_total >> param) + count)
+    r, start = _read_fixed(view, start, count, param)
+    return (q << param) | r, start
+
+
+# ------------------------------------------------------------------------- the section
+
+
+def ranks_of(index: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Position of each connection's slot in its reference order ([c, K] slots)."""
+    hit = order == index[:, None].astype(order.dtype)
+    return hit.argmax(1)
+
+
+def encode(index: np.ndarray, reference: np.ndarray, k: int, order: Order) -> Delta:
+    """The delta section of ``index`` against ``reference`` (same length), smallest parameters.
+
+    At K=2 a changed connection can only use the other slot: there are no rank streams."""
+    index = np.asarray(index).reshape(-1)
+    changed = np.flatnonzero(index != reference)
+    if changed.size == 0:
+        return Delta(b"", 0, 0, 0)
+    gaps = np.diff(changed, prepend=-1) - 1
+    g = best_param(gaps, MAX_GAP_PARAM)
+    if k == 2:
+        return Delta(rice_encode(gaps, g), int(changed.size), g, 0)
+    ranks = ranks_of(index[changed], order(changed)) - 1  # the reference itself is rank 0
+    r = best_param(ranks, MAX_RANK_PARAM)
+    return Delta(rice_encode(gaps, g) + rice_encode(ranks, r), int(changed.size), g, r)
+
+
+def changed_positions(
+    data: bytes | memoryview, count: int, changes: int, gap_param: int
+) -> tuple[np.ndarray, int]:
+    """The changed connections (int64, increasing) and the byte where the rank streams start."""
+    view = np.frombuffer(data, dtype=np.uint8)
+    gaps, at = rice_decode(view, 0, changes, gap_param, max(0, count - changes))
+    positions = np.cumsum(gaps + 1) - 1
+    if changes and int(positions[-1]) >= count:
+        raise DeltaError(f"a changed connection lies past the layer's {count} connections")
+    return positions, at
+
+
+def _streams(
+    data: bytes | memoryview, count: int, k: int, changes: int, gap_param: int, rank_param: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The changed positions and their ranks (minus one), checked against every bound."""
+    view = np.frombuffer(data, dtype=np.uint8)
+    if changes > count:
+        raise DeltaError(f"{changes} changed connections declared for {count}")
+    positions, at = changed_positions(data, count, changes, gap_param)
+    if k == 2 and rank_param:
+        raise DeltaError("K=2 has no rank streams, so rank_param must be 0")
+    ranks = np.zeros(changes, dtype=np.int64)
+    if k > 2:
+        ranks, at = rice_decode(view, at, changes, rank_param, changes * (k - 2))
+    if at != view.size:
+        raise DeltaError(f"the section has {view.size - at} bytes after its streams")
+    if changes and int(ranks.max()) > k - 2:
+        raise DeltaError(f"a rank is >= K-1 = {k - 1}")
+    return positions, ranks
+
+
+def check(
+    data: bytes | memoryview, *, count: int, k: int, changes: int, gap_param: int, rank_param: int
+) -> None:
+    """Raise DeltaError unless the section decodes (the reader's structural check)."""
+    _streams(data, count, k, changes, gap_param, rank_param)
+
+
+def decode(
+    data: bytes | memoryview,
+    *,
+    count: int,
+    k: int,
+    changes: int,
+    gap_param: int,
+    rank_param: int,
+    reference: Callable[[], np.ndarray],
+    order: Order,
+) -> np.ndarray:
+    """The ``count`` indices (uint16) of a delta section; ``reference()`` gives the reference slots.
+
+    Raises DeltaError if the streams do not decode exactly to ``changes`` changed connections,
+    every rank below K and every byte of the section used."""
+    positions, ranks = _streams(data, count, k, changes, gap_param, rank_param)
+    index = reference().astype(np.uint16, copy=True)
+    if changes and k == 2:
+        index[positions] = 1 - index[positions]
+    elif changes:
+        slots = order(positions)
+        index[positions] = slots[np.arange(changes), ranks + 1]
+    return index
