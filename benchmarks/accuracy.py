@@ -58,11 +58,30 @@ def deploy(run: Path, root: Path) -> dict:
             "ort_test_acc": result.accuracy,
             "ort_images_per_second": result.images_per_second,
         }
+        if kind == "slot":
+            out[kind]["index"] = index_summary(path)
         if hybrid is not None:
             out[kind]["hybrid10k_acc"] = evaluate(sess, *hybrid).accuracy
     if cfg.method == "slot" and cfg.selection == "probabilistic":
         out["sampled"] = {**sampled_accuracy(model, test), "argmax_test_acc": _argmax(model, test)}
     return out
+
+
+def index_summary(path: Path) -> dict:
+    """Per-layer index encoding, changed fraction and bits per connection of a .slot file, and
+    the size of the same network in the fixed-width encoding."""
+    from slotpack import format as F
+    from slotpack.inspect import summary
+    from slotpack.pack import repack
+
+    slot = F.read(path)
+    rows = [r for r in summary(slot)["layers"] if r["k"] is not None]
+    keys = ("position", "k", "encoding", "reference", "changed", "changed_fraction",
+            "bits_per_connection", "connections")  # fmt: skip
+    return {
+        "layers": [{key: r[key] for key in keys} for r in rows],
+        "bits_bytes": len(repack(slot, index_encoding="bits")),
+    }
 
 
 def _hybrid(root: Path):
@@ -156,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedule", default=None, choices=["constant", "cosine", "step"])
     p.add_argument("--limit", type=int, default=None, help="first N training examples only")
     p.add_argument("--score-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--rate", type=float, default=0.0, help="rate-aware margin (train --rate)")
+    p.add_argument("--init", default="onedraw", choices=["onedraw", "uniform"])
     p.add_argument("--root", type=Path, default=None)
     p.add_argument("--runs", type=Path, default=Path("runs/bench"))
     p.add_argument("--device", default="auto")
@@ -187,10 +208,16 @@ def main(argv: list[str] | None = None) -> int:
                 schedule=args.schedule,
                 limit=args.limit,
                 score_dtype=args.score_dtype,
+                rate=args.rate,
+                init=args.init if args.method == "slot" else "uniform",
             )
             label = "learned" if args.method == "learned" else f"k{k}-{args.selection}"
             if args.score_dtype != "float32":
                 label += f"-{args.score_dtype}"
+            if args.method == "slot" and args.init != "uniform":
+                label += f"-{args.init}"
+            if args.rate:
+                label += f"-rate{args.rate:g}"
             name = f"accuracy_{args.model}_{label}_e{args.epochs}_s{seed}{args.tag}"
             out = args.runs / name
             record(name, cfg, out, root, args.device)

@@ -121,6 +121,22 @@ def data_cmd(name: str, root: Path | None) -> None:
     show_default=True,
 )
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True)
+@click.option(
+    "--rate",
+    type=click.FloatRange(0, 1e6),
+    default=0.0,
+    show_default=True,
+    help="Rate-aware training: leaving a connection's initial slot costs this margin (in units "
+    "of the layer's bound), so fewer connections change and the .slot file is smaller.",
+)
+@click.option(
+    "--init",
+    type=click.Choice(["onedraw", "uniform"]),
+    default="onedraw",
+    show_default=True,
+    help="Initial scores: onedraw draws the top slot first, so a reader regenerates it from one "
+    "value per connection; uniform is how runs before format version 2 were initialised.",
+)
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=None, help="Default: the reference code's per model.")
@@ -371,7 +387,14 @@ def export_cmd(path: Path, output: Path, self_decoding: bool, force: bool) -> No
 
     size, slot_size = export_file(path, output, self_decoding=self_decoding, force=force)
     kind = "self-decoding" if self_decoding else "dense float32"
-    click.echo(f"{output}: {size:,} bytes ({kind}), {size / slot_size:.3f}x the .slot file")
+    line = f"{output}: {size:,} bytes ({kind}), {size / slot_size:.3f}x the .slot file"
+    if self_decoding:  # the graph needs random access, so delta-coded indices are expanded
+        from . import format as F
+        from .pack import repack
+
+        fixed = len(repack(F.read(path), index_encoding="bits"))
+        line += f" (fixed-width indices: {size / fixed:.3f}x the bits-encoded .slot)"
+    click.echo(line)
 
 
 @main.command("pack")

@@ -5,7 +5,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from slotpack import format as F
 from slotpack.cli import main
+from slotpack.pack import repack
 from tests.helpers import one_line_error as _one_line_error
 
 
@@ -229,10 +231,14 @@ def test_pack_refuses_to_overwrite_and_bad_files(run, lenet_run, mnist_root, tmp
     corrupt = tmp_path / "corrupt.slot"
     corrupt.write_bytes(before[:-10])
     _one_line_error(run("inspect", corrupt), "corrupt.slot", "declares")
-    flipped = bytearray(before)
+    flipped = bytearray(repack(F.decode(before), index_encoding="bits"))  # any 3 bits are valid
     flipped[-5] ^= 0xFF
     (tmp_path / "flipped.slot").write_bytes(bytes(flipped))
     assert run("inspect", tmp_path / "flipped.slot").exit_code == 0  # table only reads the manifest
+    broken = bytearray(before)  # a delta stream that no longer parses: refused even unverified
+    broken[-5] ^= 0xFF
+    (tmp_path / "broken.slot").write_bytes(bytes(broken))
+    _one_line_error(run("inspect", tmp_path / "broken.slot"), "broken.slot", "section 5.indices")
     _one_line_error(run("inspect", tmp_path / "flipped.slot", "--verify"), "CRC-32")
     _one_line_error(run("unpack", tmp_path / "flipped.slot", "-o", tmp_path / "x.npz"), "CRC-32")
     assert not (tmp_path / "x.npz").exists()

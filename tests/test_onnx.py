@@ -474,7 +474,10 @@ def test_cli_export_and_overwrite(run, lenet, tmp_path):
     r = run("export", lenet.slot_path, "-o", out, "--self-decoding", "--force")
     assert r.exit_code == 0 and "(self-decoding)" in r.output, r.output
     ratio = out.stat().st_size / len(lenet.blob)
-    assert f"{ratio:.3f}x the .slot file" in r.output and ratio <= 1.1
+    assert f"{ratio:.3f}x the .slot file" in r.output
+    fixed = len(repack(F.decode(lenet.blob), index_encoding="bits"))
+    assert f"fixed-width indices: {out.stat().st_size / fixed:.3f}x" in r.output
+    assert out.stat().st_size <= 1.1 * fixed
     _check_graph(onnx.load(out), lenet.blob, self_decoding=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]  # no temporary left
 

@@ -1,0 +1,412 @@
+"""Format version 2 (docs/FORMAT.md §1.7-1.8, §2.6): the initial-choice streams, the delta index
+coding, per-layer K, the golden file, round trips, malformed and fuzzed files, version 1 re-encoded.
+"""
+
+import json
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from slotpack import arch as A
+from slotpack import delta as D
+from slotpack import format as F
+from slotpack import prng
+from slotpack.pack import encode_selection, repack
+from slotpack.runtime import rebuild
+
+GOLDEN_V2 = Path(__file__).parent / "golden" / "tiny-v2.slot"
+SPEC = Path(__file__).parent.parent / "docs" / "FORMAT.md"
+HEADER = struct.Struct("<8sHHIIIQ")
+SEED = 0x0123456789ABCDEF
+
+TINY = A.Arch(
+    "tiny", "toy", (1, 4, 4),
+    (A.Conv2d(1, 2, 3, padding=1, bias=True), A.BatchNorm2d(2), A.ReLU(), A.MaxPool2d(2, 2),
+     A.Flatten(), A.Linear(8, 3, bias=True)),
+    num_classes=3,
+)  # fmt: skip
+TENSORS = {"0.bias": [0.5, -0.25], "1.running_mean": [0.125, -1.5],
+           "1.running_var": [1.0, 2.0], "5.bias": [0.0, 1.0, -3.0]}  # fmt: skip
+
+
+def golden_indices() -> list[np.ndarray]:
+    """Reference slots with a few connections moved to chosen ranks of their reference order."""
+    out = []
+    for number, (layer, k, rule, moves) in enumerate(
+        [(TINY.layers[0], 5, "onedraw", {2: 1, 3: 2, 11: 4}),
+         (TINY.layers[5], 3, "argmax", {0: 1, 7: 2, 8: 1, 23: 2})]  # fmt: skip
+    ):
+        n, bound = int(np.prod(layer.weight_shape)), prng.glorot_bound(*layer.fans)
+        index = prng.reference_np(SEED, number, n, k, bound, rule).astype(np.int64)
+        order = prng.reference_order_np(SEED, number, np.array(list(moves)), k, bound, rule)
+        index[list(moves)] = order[np.arange(len(moves)), list(moves.values())]
+        out.append(index)
+    return out
+
+
+def tiny_v2(index_encoding: str = "delta", indices: list | None = None) -> bytes:
+    return encode_selection(
+        TINY, seed=SEED, k=(5, 3), selection="greedy", indices=indices or golden_indices(),
+        tensors=TENSORS, mean=(0.5,), std=(0.25,), references=("onedraw", "argmax"),
+        index_encoding=index_encoding, metadata={"dataset": "toy", "note": "golden v2"},
+    )  # fmt: skip
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    m_len = HEADER.unpack_from(data)[3]
+    start = 32 + -(-m_len // 8) * 8
+    return json.loads(data[32 : 32 + m_len]), data[start:]
+
+
+def build(manifest: dict, payload: bytes, version: int = 2) -> bytes:
+    """A file around an edited manifest and payload, lengths and header CRCs fixed."""
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    head = HEADER.pack(F.MAGIC, version, 0, len(text), zlib.crc32(text), 0, len(payload))
+    head = head[:20] + struct.pack("<I", zlib.crc32(head[:20] + head[24:])) + head[24:]
+    return head + text + bytes(-len(text) % 8) + payload
+
+
+def section(manifest: dict, name: str) -> dict:
+    return next(s for s in manifest["sections"] if s["name"] == name)
+
+
+# ----------------------------------------------------------------------------- streams (§1.7-1.8)
+
+
+def test_known_answer_vectors_of_the_spec():
+    bound = prng.glorot_bound(784, 300)
+    assert np.float32(prng.glorot_bound(38, 3)).view(np.uint32) == 0x3EC3DD13
+    assert [prng.reference_key(42, 3), prng.maximum_key(42, 3)] == [
+        0x262A8DDA69A6816F, 0xC54BF95FCA00B904]  # fmt: skip
+    assert [prng.score_key(42, 3), prng.draw_key(42, 3)] == [
+        0x390FD325738A1218, 0xAE52295B45871D11]  # fmt: skip
+    want = {"onedraw": [4, 3, 3, 4, 4, 2, 4, 0], "argmax": [4, 1, 2, 2, 3, 1, 1, 0],
+            "draw": [1, 1, 4, 1, 2, 0, 4, 1]}  # fmt: skip
+    orders = {"onedraw": [[4, 3, 2, 1, 0], [3, 1, 4, 2, 0], [3, 2, 1, 4, 0]],
+              "argmax": [[4, 3, 2, 1, 0], [1, 4, 2, 3, 0], [2, 1, 4, 0, 3]],
+              "draw": [[1, 2, 3, 0, 4], [1, 4, 0, 3, 2], [4, 2, 1, 3, 0]]}  # fmt: skip
+    for rule in prng.REFERENCE_RULES:
+        assert prng.reference_np(42, 3, 8, 5, bound, rule).tolist() == want[rule]
+        assert prng.reference_order_np(42, 3, np.arange(3), 5, bound, rule).tolist() == orders[rule]
+    spec = SPEC.read_text()
+    assert "`0x3ec3dd13`" in spec and "4 3 3 4 4 2 4 0" in spec and "[1 4 0 3 2]" in spec
+
+
+def test_reference_rules_follow_their_definitions_in_plain_python():
+    """§1.8 written out with Python integers, independently of the numpy code."""
+    seed, layer, k, n = 7, 2, 6, 50
+    bound = prng.glorot_bound(20, 30)
+    out = prng.splitmix64_output
+    key_r = out(seed ^ 0x4EF0D4A74EF0D4A7, layer)
+    assert prng.reference_np(seed, layer, n, k, bound, "onedraw").tolist() == [
+        ((out(key_r, i) >> 32) * k) >> 32 for i in range(n)]  # fmt: skip
+    key_s = out(seed ^ 0x5C0E5C0E5C0E5C0E, layer)
+    scores = [[np.float32(out(key_s, i * k + j) >> 40) * np.float32(bound) for j in range(k)]
+              for i in range(n)]  # fmt: skip
+    assert prng.reference_np(seed, layer, n, k, bound, "argmax").tolist() == [
+        row.index(max(row)) for row in scores]  # fmt: skip
+    key_d = out(seed ^ 0xD2A3D2A3D2A3D2A3, layer)
+    draws = [[out(key_d, i * k + j) >> 40 for j in range(k)] for i in range(n)]
+    assert prng.reference_np(seed, layer, n, k, bound, "draw").tolist() == [
+        row.index(max(row)) for row in draws]  # fmt: skip
+
+
+@pytest.mark.parametrize("k", [2, 3, 8, 64])
+def test_initial_scores_numpy_equals_torch_and_onedraw_argmax_is_the_reference(k):
+    torch = pytest.importorskip("torch")
+    n = (1 << 20) // k  # a million counters per stream
+    bound = prng.glorot_bound(784, 300)
+    for init in prng.INITS:
+        a = prng.initial_scores_np(11, 1, n, k, bound, init)
+        t = prng.initial_scores_torch(11, 1, n, k, bound, init=init).numpy()
+        assert np.array_equal(a.view(np.uint32), t.view(np.uint32))
+        assert 0 <= a.min() and a.max() <= np.float32(bound)
+    ref = prng.reference_np(11, 1, n, k, bound, "onedraw")
+    assert np.array_equal(ref, prng.reference_torch(11, 1, n, k).numpy())
+    assert np.array_equal(a.argmax(1), ref)  # a is the onedraw scores
+    assert np.array_equal(torch.from_numpy(a).argmax(1).numpy(), ref)
+    uniform = prng.initial_scores_np(11, 1, n, k, bound, "uniform")
+    assert np.array_equal(prng.reference_np(11, 1, n, k, bound, "argmax"), uniform.argmax(1))
+
+
+def test_onedraw_has_the_law_of_k_independent_uniform_scores():
+    k, n, bound = 8, 200_000, 1.0
+    s = prng.initial_scores_np(5, 0, n, k, bound, "onedraw")
+    ref = s.argmax(1)
+    counts = np.bincount(ref, minlength=k)
+    chi2 = (((counts - n / k) ** 2) / (n / k)).sum()
+    assert chi2 < 30  # 7 degrees of freedom: p < 1e-4 past 29
+    assert abs(s.max(1).mean() - k / (k + 1)) < 2e-3  # E[max of K uniforms]
+    assert abs(s.mean() - 0.5) < 2e-3 and abs(s.var() - 1 / 12) < 1e-3
+
+
+# ----------------------------------------------------------------------------- golden file
+
+
+def golden_bytes(data: bytes) -> bytes:
+    """The committed golden file; ``SLOTPACK_REGEN_GOLDEN=1`` rewrites it (and the spec's table)."""
+    import os
+
+    if os.environ.get("SLOTPACK_REGEN_GOLDEN") == "1":
+        GOLDEN_V2.write_bytes(data)
+    return GOLDEN_V2.read_bytes()
+
+
+def spec_table(indices: list[np.ndarray]) -> str:
+    rows = ["| layer | K | indices of connections 0, 1, 2, ... |", "|---|---|---|"]
+    for pos, k, index in zip((0, 5), (5, 3), indices, strict=True):
+        rows.append(f"| {pos} | {k} | {' '.join(map(str, index.tolist()))} |")
+    return "\n".join(rows)
+
+
+def test_golden_v2_bytes_and_the_indices_printed_in_the_spec():
+    data = tiny_v2()
+    assert data == golden_bytes(data)
+    f = F.decode(GOLDEN_V2.read_bytes())
+    assert f.version == 2 and f.ks == (5, 3) and f.k is None
+    assert [s.encoding for s in f.sections.values() if s.name.endswith("indices")] == ["delta"] * 2
+    decoded = [f.indices("0.indices"), f.indices("5.indices")]
+    for got, want in zip(decoded, golden_indices(), strict=True):
+        assert np.array_equal(got, want)
+    assert spec_table(decoded) in SPEC.read_text()
+
+
+def test_golden_v2_manifest_follows_the_spec_tables():
+    manifest, payload = split(GOLDEN_V2.read_bytes())
+    assert set(manifest) == F.MANIFEST_KEYS[2]
+    weighted = [layer for layer in manifest["layers"] if layer["op"] in ("linear", "conv2d")]
+    assert [(w["k"], w["reference"]) for w in weighted] == [(5, "onedraw"), (3, "argmax")]
+    s = section(manifest, "0.indices")
+    assert set(s) == F.SECTION_KEYS | F.DELTA_KEYS
+    assert (s["changes"], s["encoding"]) == (3, "delta")
+    assert section(manifest, "5.indices")["changes"] == 4
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("k", [2, 3, 8, 64, 65536])
+@pytest.mark.parametrize("rule", ["onedraw", "argmax", "draw"])
+def test_round_trip_every_encoding(k, rule):
+    rng = np.random.default_rng(k)
+    hidden = 20 if k < 1000 else 2  # K draws per connection for argmax and draw: keep it small
+    layers = (A.Flatten(), A.Linear(48, hidden), A.ReLU(), A.Linear(hidden, 3, bias=True))
+    arch = A.Arch("t", "toy", (3, 4, 4), layers, num_classes=3)
+    indices = []
+    for number, layer in enumerate(arch.weighted):
+        n, bound = int(np.prod(layer.weight_shape)), prng.glorot_bound(*layer.fans)
+        index = prng.reference_np(1, number, n, k, bound, rule).astype(np.int64)
+        moved = rng.random(n) < (0.05, 0.6)[number]
+        index[moved] = rng.integers(0, k, moved.sum())
+        indices.append(index)
+    files = {}
+    for enc in ("bits", "delta", "auto"):
+        files[enc] = encode_selection(
+            arch, seed=1, k=k, selection="greedy", indices=indices, tensors={"3.bias": [1, 2, 3]},
+            mean=(0, 0, 0), std=(1, 1, 1), references=(rule, rule), index_encoding=enc,
+        )  # fmt: skip
+        f = F.decode(files[enc])
+        for w, want in zip(f.weights, indices, strict=True):
+            assert np.array_equal(f.indices(w.section), want)
+    dense = {enc: rebuild(data) for enc, data in files.items()}
+    for name, array in dense["bits"].items():
+        for enc in ("delta", "auto"):
+            assert np.array_equal(array.view(np.uint32), dense[enc][name].view(np.uint32))
+    sizes = {enc: len(data) for enc, data in files.items()}
+    assert sizes["auto"] <= min(sizes["bits"], sizes["delta"])
+    assert repack(F.decode(files["bits"])) == files["auto"]
+    assert repack(F.decode(files["auto"]), index_encoding="bits") == files["bits"]
+
+
+def test_version_1_files_re_encode_losslessly_and_keep_reading():
+    v1 = encode_selection(
+        TINY, seed=SEED, k=5, selection="probabilistic",
+        indices=[np.arange(18) % 5, (np.arange(24) * 7) % 5], tensors=TENSORS, mean=(0.5,),
+        std=(0.25,), version=1,
+    )  # fmt: skip
+    old = F.decode(v1)
+    assert old.version == 1 and [w.reference for w in old.weights] == ["draw", "draw"]
+    v2 = repack(old, index_encoding="delta")
+    new = F.decode(v2)
+    assert new.version == 2 and new.ks == (5, 5)
+    for name, array in rebuild(v1).items():
+        assert np.array_equal(array.view(np.uint32), rebuild(v2)[name].view(np.uint32))
+    assert repack(new, index_encoding="bits") == repack(old, index_encoding="bits")
+
+
+def test_unchanged_network_costs_no_index_bytes():
+    layer = A.Linear(300, 200)
+    arch = A.Arch("t", "toy", (1, 1, 300), (A.Flatten(), layer), num_classes=200)
+    ref = prng.reference_np(9, 0, 60000, 8, prng.glorot_bound(300, 200), "onedraw")
+    data = encode_selection(
+        arch, seed=9, k=8, selection="greedy", indices=[ref], tensors={}, mean=(0,), std=(1,),
+        references=("onedraw",),
+    )  # fmt: skip
+    f = F.decode(data)
+    assert f.sections["1.indices"].length == 0 and len(data) < 700
+    assert np.array_equal(f.indices("1.indices"), ref)
+
+
+# ----------------------------------------------------------------------------- malformed files
+
+
+def edit(data: bytes, fn) -> bytes:
+    manifest, payload = split(data)
+    payload = fn(manifest, bytearray(payload))
+    return build(manifest, bytes(payload))
+
+
+def _recrc(manifest, payload, name):
+    s = section(manifest, name)
+    s["crc32"] = zlib.crc32(bytes(payload[s["offset"] : s["offset"] + s["length"]]))
+    return payload
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda m, p: section(m, "0.indices").update(changes=9) or p, F.LayoutError,
+         "3 bytes cannot hold 9 changes"),
+        (lambda m, p: section(m, "0.indices").update(changes=6) or p, F.LayoutError,
+         "unary stream ends|a rank is|past the layer"),
+        (lambda m, p: section(m, "0.indices").update(changes=2) or p, F.LayoutError,
+         "bytes after its streams|padding"),
+        (lambda m, p: section(m, "0.indices").update(changes=19) or p, F.ManifestError,
+         "changes must be an integer in 0..18"),
+        (lambda m, p: section(m, "0.indices").update(gap_param=32) or p, F.ManifestError,
+         "gap_param must be an integer in 0..31"),
+        (lambda m, p: section(m, "5.indices").update(rank_param=16) or p, F.ManifestError,
+         "rank_param must be an integer in 0..15"),
+        (lambda m, p: section(m, "0.indices").pop("changes") and p, F.ManifestError,
+         "missing \\['changes'\\]"),
+        (lambda m, p: m["layers"][0].update(k=65537) or p, F.ManifestError, "k must be"),
+        (lambda m, p: m["layers"][0].update(reference="best") or p, F.ManifestError,
+         "reference 'best' is not one of"),
+        (lambda m, p: m["layers"][0].pop("k") and p, F.ManifestError, "missing \\['k'\\]"),
+        (lambda m, p: m.update(k=5) or p, F.ManifestError, "unknown \\['k'\\]"),
+        (lambda m, p: section(m, "0.bias").update(encoding="delta") or p, F.ManifestError,
+         "missing|no layer's indices"),
+    ],
+)  # fmt: skip
+def test_malformed_delta_manifests(change, error, match):
+    with pytest.raises(error, match=match):
+        F.decode(edit(tiny_v2(), change), verify=False)
+
+
+def test_delta_in_a_version_1_file_is_refused():
+    manifest, payload = split(tiny_v2())
+    manifest.update(version=1, k=5, index_bits=3)
+    for layer in manifest["layers"]:
+        layer.pop("k", None), layer.pop("reference", None)
+    with pytest.raises(F.ManifestError, match="not one of bits, float32, float16|unknown"):
+        F.decode(build(manifest, payload, version=1))
+
+
+def test_corrupt_delta_stream_is_refused_without_crc():
+    data = bytearray(tiny_v2())
+    manifest, payload = split(bytes(data))
+    start = len(data) - len(payload) + section(manifest, "5.indices")["offset"]
+    for byte in range(section(manifest, "5.indices")["length"]):
+        for bit in range(8):
+            mutated = bytearray(data)
+            mutated[start + byte] ^= 1 << bit
+            try:
+                f = F.decode(bytes(mutated), verify=False)
+            except F.SlotFormatError:
+                continue
+            assert f.indices("5.indices").max() < 3  # a flip that still parses: valid indices
+
+
+def test_non_canonical_manifests_are_refused():
+    manifest, payload = split(tiny_v2())
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    variants = [
+        json.dumps(manifest, sort_keys=True),  # spaces
+        json.dumps(dict(reversed(manifest.items())), separators=(",", ":")),  # unsorted keys
+        text.replace('"note":"golden v2"', '"note":"golden v2\\u0020"'),  # escaped ASCII
+        text.replace('"std":[0.25]', '"std":[2.5e-1]'),  # another spelling of the same number
+        text.replace('"std":[0.25]', '"std":[0.250]'),
+    ]
+    for variant in variants:
+        raw = variant.encode()
+        head = HEADER.pack(F.MAGIC, 2, 0, len(raw), zlib.crc32(raw), 0, len(payload))
+        head = head[:20] + struct.pack("<I", zlib.crc32(head[:20] + head[24:])) + head[24:]
+        with pytest.raises(F.ManifestError, match="canonical"):
+            F.decode(head + raw + bytes(-len(raw) % 8) + payload)
+    meta = {"snowman": "\u2603", "slash": "a/b", "big": 10**30, "tiny": 1e-05, "neg": -0.0}
+    data = tiny_v2()
+    manifest["metadata"] = meta
+    assert F.decode(build(manifest, payload)).manifest["metadata"] == meta
+    text = split(build(manifest, payload))
+    assert re.search(rb'"snowman":"\\u2603"', build(manifest, payload)) and text and data
+
+
+def test_integer_limit_does_not_depend_on_the_interpreter():
+    manifest, payload = split(tiny_v2())
+    raw = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    raw = raw.replace('"note":"golden v2"', '"note":' + "9" * 4301).encode()
+    head = HEADER.pack(F.MAGIC, 2, 0, len(raw), zlib.crc32(raw), 0, len(payload))
+    head = head[:20] + struct.pack("<I", zlib.crc32(head[:20] + head[24:])) + head[24:]
+    with pytest.raises(F.ManifestError, match="integer of 4301 digits"):
+        F.decode(head + raw + bytes(-len(raw) % 8) + payload)
+
+
+def test_decoding_allocates_no_more_than_the_declared_output():
+    """A delta section that declares a huge quotient run is bounded by the layer's count."""
+    view = np.full(64, 0xFF, dtype=np.uint8)  # all one-bits: no code ever ends
+    with pytest.raises(D.DeltaError, match="unary stream ends after 0 of 3"):
+        D.check(view.tobytes(), count=100, k=8, changes=3, gap_param=0, rank_param=0)
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+
+@settings(max_examples=600, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
+       st.booleans())  # fmt: skip
+def test_fuzz_v2_byte_edits(ops, fix_crcs):
+    """Mutated version 2 files (CRCs refreshed or not) give the format's error or valid indices."""
+    data = bytearray(tiny_v2())
+    for where, value in ops:
+        data[where % len(data)] = value
+    if fix_crcs:
+        try:
+            manifest, payload = split(bytes(data))
+            for s in manifest["sections"]:
+                _recrc(manifest, bytearray(payload), s["name"])
+            data = bytearray(build(manifest, payload))
+        except Exception:  # the edit broke the JSON or header: test the file as it is
+            pass
+    try:
+        f = F.decode(bytes(data))
+    except F.SlotFormatError:
+        return
+    for w in f.weights:
+        assert f.indices(w.section).max() < w.k
+    rebuild(f)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(st.integers(0, 40), st.integers(0, 31), st.integers(0, 15), st.binary(max_size=40),
+       st.sampled_from([2, 3, 5]))  # fmt: skip
+def test_fuzz_delta_streams(changes, gap_param, rank_param, body, k):
+    """Arbitrary delta sections: only DeltaError, and whatever decodes is within bounds."""
+    try:
+        D.check(body, count=40, k=k, changes=changes, gap_param=gap_param, rank_param=rank_param)
+    except D.DeltaError:
+        return
+    out = D.decode(
+        body, count=40, k=k, changes=changes, gap_param=gap_param, rank_param=rank_param,
+        reference=lambda: np.zeros(40, np.uint16),
+        order=lambda p: np.tile(np.arange(k), (p.size, 1)),
+    )  # fmt: skip
+    assert out.shape == (40,) and int(out.max()) < k
+    assert int((out != 0).sum()) == changes
