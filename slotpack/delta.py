@@ -26,8 +26,9 @@ MAX_GAP_PARAM = 31
 MAX_RANK_PARAM = 15
 BLOCK = 1 << 14
 
-# order(positions) -> the slots of those connections in reference order, int64 [len, K]
-Order = Callable[[np.ndarray], np.ndarray]
+# rank_of(positions, slots, references) -> each slot's rank 1..K-1 in its reference order;
+# slot_at(positions, ranks, references) -> the slot at that rank (its inverse).
+Ranks = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 class DeltaError(ValueError):
@@ -135,13 +136,7 @@ def rice_decode(
 # ------------------------------------------------------------------------- the section
 
 
-def ranks_of(index: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Position of each connection's slot in its reference order ([c, K] slots)."""
-    hit = order == index[:, None].astype(order.dtype)
-    return hit.argmax(1)
-
-
-def encode(index: np.ndarray, reference: np.ndarray, k: int, order: Order) -> Delta:
+def encode(index: np.ndarray, reference: np.ndarray, k: int, rank_of: Ranks) -> Delta:
     """The delta section of ``index`` against ``reference`` (same length), smallest parameters.
 
     At K=2 a changed connection can only use the other slot: there are no rank streams."""
@@ -153,7 +148,7 @@ def encode(index: np.ndarray, reference: np.ndarray, k: int, order: Order) -> De
     g = best_param(gaps, MAX_GAP_PARAM)
     if k == 2:
         return Delta(rice_encode(gaps, g), int(changed.size), g, 0)
-    ranks = ranks_of(index[changed], order(changed)) - 1  # the reference itself is rank 0
+    ranks = rank_of(changed, index[changed].astype(np.int64), reference[changed]) - 1
     r = best_param(ranks, MAX_RANK_PARAM)
     return Delta(rice_encode(gaps, g) + rice_encode(ranks, r), int(changed.size), g, r)
 
@@ -192,9 +187,23 @@ def _streams(
 
 def check(
     data: bytes | memoryview, *, count: int, k: int, changes: int, gap_param: int, rank_param: int
-) -> None:
-    """Raise DeltaError unless the section decodes (the reader's structural check)."""
-    _streams(data, count, k, changes, gap_param, rank_param)
+) -> tuple[np.ndarray, np.ndarray]:
+    """The changed positions and their ranks (1..K-1); DeltaError unless the section decodes
+    (the reader's structural check, which needs no generator)."""
+    positions, ranks = _streams(data, count, k, changes, gap_param, rank_param)
+    return positions, ranks + 1
+
+
+def expand(
+    positions: np.ndarray, ranks: np.ndarray, k: int, reference: np.ndarray, slot_at: Ranks
+) -> np.ndarray:
+    """The indices (uint16) from the checked streams and the layer's reference slots."""
+    index = reference.astype(np.uint16, copy=True)
+    if positions.size and k == 2:
+        index[positions] = 1 - index[positions]
+    elif positions.size:
+        index[positions] = slot_at(positions, ranks, index[positions].astype(np.int64))
+    return index
 
 
 def decode(
@@ -206,17 +215,13 @@ def decode(
     gap_param: int,
     rank_param: int,
     reference: Callable[[], np.ndarray],
-    order: Order,
+    slot_at: Ranks,
 ) -> np.ndarray:
     """The ``count`` indices (uint16) of a delta section; ``reference()`` gives the reference slots.
 
     Raises DeltaError if the streams do not decode exactly to ``changes`` changed connections,
     every rank below K and every byte of the section used."""
-    positions, ranks = _streams(data, count, k, changes, gap_param, rank_param)
-    index = reference().astype(np.uint16, copy=True)
-    if changes and k == 2:
-        index[positions] = 1 - index[positions]
-    elif changes:
-        slots = order(positions)
-        index[positions] = slots[np.arange(changes), ranks + 1]
-    return index
+    positions, ranks = check(
+        data, count=count, k=k, changes=changes, gap_param=gap_param, rank_param=rank_param
+    )
+    return expand(positions, ranks, k, reference(), slot_at)

@@ -16,7 +16,7 @@ import stat
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,8 @@ class SlotFile:
     payload: memoryview
     size: int
     weights: tuple[Weights, ...] = ()
+    # delta sections' changed positions and ranks, parsed once while the file was checked
+    streams: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def version(self) -> int:
@@ -199,28 +201,18 @@ class SlotFile:
         """The reference slot of every connection of ``w`` (§1.8)."""
         return prng.reference_np(self.seed, w.number, w.count, w.k, w.bound, w.reference)
 
-    def order(self, w: Weights, positions: np.ndarray) -> np.ndarray:
-        """The reference order [len, K] of those connections of ``w`` (§1.8)."""
-        return prng.reference_order_np(self.seed, w.number, positions, w.k, w.bound, w.reference)
 
     def indices(self, name: str) -> np.ndarray:
         """The stored indices of a section (uint16), whatever its encoding."""
         s, w = self.sections[name], self.weights_of(name)
         if s.encoding == "bits":
             return B.unpack(self.raw(name), s.count, B.bits_for(w.k))
-        try:
-            return D.decode(
-                self.raw(name),
-                count=s.count,
-                k=w.k,
-                changes=s.changes,
-                gap_param=s.gap_param,
-                rank_param=s.rank_param,
-                reference=lambda: self.reference(w),
-                order=lambda positions: self.order(w, positions),
-            )
-        except D.DeltaError as exc:
-            raise LayoutError(f"section {name}: {exc}") from None
+        positions, ranks = self.streams[name]
+
+        def slot_at(pos: np.ndarray, rank: np.ndarray, ref: np.ndarray) -> np.ndarray:
+            return prng.slots_at_ranks_np(self.seed, w.number, pos, rank, ref, w.k, w.reference)
+
+        return D.expand(positions, ranks, w.k, self.reference(w), slot_at)
 
     def packed_indices(self, name: str) -> bytes:
         """The section's indices in the fixed-width ``bits`` encoding (random access)."""
@@ -431,8 +423,8 @@ def decode(data: bytes | memoryview | mmap.mmap, *, verify: bool = True) -> Slot
                             "ASCII escapes, shortest numbers)")
     payload = view[start:]
     layers, tensors, sections, weights = _validate(manifest, version, p_len)
-    _check_payload(payload, sections, weights, verify)
-    return SlotFile(manifest, layers, tensors, sections, payload, size, weights)
+    streams = _check_payload(payload, sections, weights, verify)
+    return SlotFile(manifest, layers, tensors, sections, payload, size, weights, streams)
 
 
 def _parse_json(text: bytes) -> dict[str, Any]:
@@ -746,10 +738,12 @@ def _check_references(layers, tensors, sections: dict[str, Section]) -> None:
 
 def _check_payload(
     payload: memoryview, sections: dict[str, Section], weights: tuple[Weights, ...], verify: bool
-) -> None:
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Padding, CRCs (``verify``) and the indices themselves: every path that reads a file
-    gets only indices below K (§2.3, §2.6), whatever it later does with them."""
+    gets only indices below K (§2.3, §2.6), whatever it later does with them. Returns the
+    parsed streams of the delta sections."""
     k_of = {w.section: w.k for w in weights}
+    streams = {}
     end = 0
     for s in sections.values():
         if any(payload[end : s.offset]):
@@ -760,8 +754,9 @@ def _check_payload(
         if s.encoding == "bits":
             _check_bits(body, s, k_of[s.name])
         elif s.encoding == "delta":
-            _check_delta(body, s, k_of[s.name])
+            streams[s.name] = _check_delta(body, s, k_of[s.name])
         end = s.offset + s.length
+    return streams
 
 
 def _check_bits(body: memoryview, s: Section, k: int) -> None:
@@ -776,10 +771,10 @@ def _check_bits(body: memoryview, s: Section, k: int) -> None:
                 raise ManifestError(f"section {s.name}: an index is >= K={k}")
 
 
-def _check_delta(body: memoryview, s: Section, k: int) -> None:
+def _check_delta(body: memoryview, s: Section, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The streams parse to exactly the declared changes and ranks (no generator needed)."""
     try:
-        D.check(body, count=s.count, k=k, changes=s.changes, gap_param=s.gap_param,
-                rank_param=s.rank_param)
+        return D.check(body, count=s.count, k=k, changes=s.changes, gap_param=s.gap_param,
+                       rank_param=s.rank_param)
     except D.DeltaError as exc:
         raise LayoutError(f"section {s.name}: {exc}") from None

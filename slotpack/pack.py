@@ -71,7 +71,10 @@ def encode_indices(
     n, bound = index.size, prng.glorot_bound(*layer.fans)
     ref = prng.reference_np(seed, number, n, k, bound, reference)
     delta = D.encode(
-        index, ref, k, lambda pos: prng.reference_order_np(seed, number, pos, k, bound, reference)
+        index,
+        ref,
+        k,
+        lambda pos, slots, refs: prng.ranks_np(seed, number, pos, slots, refs, k, reference),
     )
     if encoding == "delta" or len(delta.data) < len(bits[1]):
         return "delta", delta

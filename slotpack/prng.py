@@ -107,6 +107,11 @@ def _splitmix(counters: Any, key: int, be: _Backend) -> Any:
     z += 1
     z *= be.const(GAMMA)
     z += be.const(key)
+    return _mix(z, be)
+
+
+def _mix(z: Any, be: _Backend) -> Any:
+    """mix64 of §1.1, in place."""
     z ^= be.shr(z, 30)
     z *= be.const(MIX1)
     z ^= be.shr(z, 27)
@@ -118,6 +123,10 @@ def _splitmix(counters: Any, key: int, be: _Backend) -> Any:
 # --------------------------------------------------------------------------- numpy half
 
 _NP = _Backend(const=np.uint64, shr=lambda z, s: z >> np.uint64(s))
+
+
+def _mix_np(z: np.ndarray) -> np.ndarray:
+    return _mix(z, _NP)
 
 
 def bits_np(key: int, counters: np.ndarray) -> np.ndarray:
@@ -198,18 +207,23 @@ REFERENCE_RULES = ("argmax", "onedraw", "draw")
 def _order_grid_np(seed: int, layer: int, positions: np.ndarray, k: int, rule: str) -> np.ndarray:
     """The 24-bit initial draws [len, K] that order a connection's slots (§1.8)."""
     key = draw_key(seed, layer) if rule == "draw" else score_key(seed, layer)
-    counters = positions.astype(np.uint64)[:, None] * np.uint64(k) + np.arange(k, dtype=np.uint64)
-    z = _splitmix(counters, key, _NP)
-    z >>= np.uint64(64 - MANTISSA_BITS)
-    return z
+    # output(key, c) = mix64(key + (c + 1) * GAMMA) with c = i*K + j: the affine part as one
+    # broadcast sum of a per-connection and a per-slot term (mod 2**64)
+    rows = positions.astype(np.uint64) * np.uint64((k * GAMMA) & MASK64)
+    cols = (np.arange(1, k + 1, dtype=np.uint64) * np.uint64(GAMMA)) + np.uint64(key)
+    z = rows[:, None] + cols
+    return _mix_np(z) >> np.uint64(64 - MANTISSA_BITS)
 
 
 def _reference_at(
     seed: int, layer: int, positions: np.ndarray, k: int, bound: float, rule: str
 ) -> np.ndarray:
-    if rule == "onedraw":
-        z = _splitmix(positions.astype(np.uint64), reference_key(seed, layer), _NP)
-        z >>= np.uint64(32)
+    if rule == "onedraw":  # two connections per output: the high half, then the low half
+        pos = positions.astype(np.uint64)
+        z = _splitmix(pos >> np.uint64(1), reference_key(seed, layer), _NP)
+        odd = (pos & np.uint64(1)).astype(bool)
+        z[~odd] >>= np.uint64(32)
+        z &= np.uint64(0xFFFFFFFF)
         z *= np.uint64(k)
         z >>= np.uint64(32)
         return z.astype(np.int64)
@@ -240,6 +254,15 @@ def reference_np(
     return out
 
 
+def _order_keys(seed: int, layer: int, positions: np.ndarray, k: int, rule: str) -> np.ndarray:
+    """int64 [len, K]: smaller means earlier in the reference order (ignoring the reference)."""
+    z = _order_grid_np(seed, layer, positions, k, rule)
+    z ^= np.uint64((1 << MANTISSA_BITS) - 1)  # 2**24 - 1 - q: decreasing draw first
+    z <<= np.uint64(16)  # then increasing slot (K <= 2**16)
+    z |= np.arange(k, dtype=np.uint64)
+    return z.view(np.int64)
+
+
 def reference_order_np(
     seed: int, layer: int, positions: np.ndarray, k: int, bound: float, rule: str
 ) -> np.ndarray:
@@ -248,13 +271,50 @@ def reference_order_np(
     positions = np.asarray(positions, dtype=np.int64).reshape(-1)
     out = np.empty((positions.size, k), dtype=np.int64)
     step = max(1, NP_BLOCK // k)
-    slots = np.arange(k, dtype=np.int64)
     for a in range(0, positions.size, step):
         pos = positions[a : a + step]
-        grid = _order_grid_np(seed, layer, pos, k, rule).astype(np.int64)
-        rank_key = ((1 << MANTISSA_BITS) - 1 - grid) * k + slots  # decreasing draw, then slot
-        rank_key[np.arange(pos.size), _reference_at(seed, layer, pos, k, bound, rule)] = -1
-        out[a : a + step] = np.argsort(rank_key, axis=1)
+        keys = _order_keys(seed, layer, pos, k, rule)
+        keys[np.arange(pos.size), _reference_at(seed, layer, pos, k, bound, rule)] = -1
+        out[a : a + step] = np.argsort(keys, axis=1)
+    return out
+
+
+def ranks_np(
+    seed: int, layer: int, positions: np.ndarray, slots: np.ndarray, ref: np.ndarray, k: int,
+    rule: str,
+) -> np.ndarray:  # fmt: skip
+    """Position (1..K-1) of ``slots`` (never the reference ``ref``) in the reference order of
+    ``positions``: one more than the other non-reference slots before them."""
+    out = np.empty(positions.size, dtype=np.int64)
+    step = max(1, NP_BLOCK // k)
+    for a in range(0, positions.size, step):
+        rows = np.arange(min(step, positions.size - a))
+        keys = _order_keys(seed, layer, positions[a : a + step], k, rule)
+        mine = keys[rows, slots[a : a + step]]
+        keys[rows, ref[a : a + step]] = np.iinfo(np.int64).max
+        out[a : a + step] = 1 + (keys < mine[:, None]).sum(1)
+    return out
+
+
+def slots_at_ranks_np(
+    seed: int, layer: int, positions: np.ndarray, ranks: np.ndarray, ref: np.ndarray, k: int,
+    rule: str,
+) -> np.ndarray:  # fmt: skip
+    """Inverse of :func:`ranks_np`: the slot at rank ``ranks`` (1..K-1) of each connection.
+
+    Rank 1 (the runner-up, most changes) is one argmin; only later ranks need a sort."""
+    out = np.empty(positions.size, dtype=np.int64)
+    step = max(1, (NP_BLOCK * 4) // k)
+    for a in range(0, positions.size, step):
+        keys = _order_keys(seed, layer, positions[a : a + step], k, rule)
+        want = ranks[a : a + step]
+        keys[np.arange(want.size), ref[a : a + step]] = np.iinfo(np.int64).max
+        first = keys.argmin(1)
+        later = np.flatnonzero(want > 1)
+        if later.size:
+            order = np.argsort(keys[later], axis=1)
+            first[later] = order[np.arange(later.size), want[later] - 1]
+        out[a : a + step] = first
     return out
 
 
@@ -434,6 +494,8 @@ def reference_torch(
     out = torch.empty(n, dtype=torch.int64, device=device)
     step = _torch_block(out.device)
     for a in range(0, n, step):
-        z = _splitmix(torch.arange(a, min(n, a + step), dtype=torch.int64, device=device), key, _TORCH)
-        out[a : a + step] = (_TORCH.shr(z, 32) * k) >> 32  # < 2**32 * 2**16: no int64 overflow
+        pos = torch.arange(a, min(n, a + step), dtype=torch.int64, device=device)
+        z = _splitmix(pos >> 1, key, _TORCH)
+        half = torch.where(pos & 1 == 1, z & 0xFFFFFFFF, _TORCH.shr(z, 32))
+        out[a : a + step] = (half * k) >> 32  # < 2**32 * 2**16: no int64 overflow
     return out
