@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from . import __version__, data, kernels, layers, models, optim
 from . import arch as A
 from . import distributed as D
-from .atomic import replacing, write_bytes
+from .atomic import exclusive, replacing, write_bytes
 from .errors import CheckpointError, ConfigError
 from .layers import score_torch_dtype
 
@@ -211,9 +212,52 @@ def evaluate(
     return Evaluation(loss_sum.item() / n, correct.item() / n, n, time.perf_counter() - start)
 
 
+class _Writer:
+    """The file object torch.save writes through: it keeps the OSError (disk full, quota, file
+    size limit) that torch would otherwise turn into an opaque ``enforce fail`` RuntimeError."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            done = 0
+            while done < len(view):
+                done += self.f.write(view[done:])
+            return done
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
-    with replacing(path) as tmp:
-        torch.save(obj, tmp)
+    with replacing(path) as tmp, open(tmp, "wb", buffering=0) as f:
+        writer = _Writer(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise OSError(writer.error.errno, writer.error.strerror, str(path)) from None
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line with a single write (a crash can tear it, which ``iter_metrics`` allows)."""
+    data = line.encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(fd, data[done:])
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
@@ -242,6 +286,10 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {path} lacks {key!r}")
     ckpt["path"] = str(path)
     return ckpt
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> models.Net:
@@ -374,7 +422,8 @@ def train(
     if not distributed:
         reporter = reporter or SilentReporter()
         world = D.World()
-        return _train(cfg, Path(out), root, dev, resume, reporter, world, None, compile, kernel)
+        with _run_lock(Path(out), resume):
+            return _train(cfg, Path(out), root, dev, resume, reporter, world, None, compile, kernel)
     D.check_grad_reduce(grad_reduce)
     if cfg.step_in_backward and grad_reduce != "weights":
         raise ConfigError(
@@ -384,12 +433,54 @@ def train(
     world, dev, created = D.start(dev)
     try:
         reporter = (reporter or SilentReporter()) if world.main else SilentReporter()
-        return _train(
-            cfg, Path(out), root, dev, resume, reporter, world, grad_reduce, compile, kernel
-        )
+        # Rank 0 alone writes, so it alone locks; if it fails, torchrun stops the other ranks.
+        with _run_lock(Path(out), resume) if world.main else nullcontext():
+            return _train(
+                cfg, Path(out), root, dev, resume, reporter, world, grad_reduce, compile, kernel
+            )
     finally:
         if created:
             D.stop()
+
+
+LOCK_NAME = ".lock"
+RECORDS = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "result.json")
+
+
+@contextmanager
+def _run_lock(out: Path, resume: bool) -> Iterator[None]:
+    """One writer per run folder, for the whole run: ``out/.lock`` held under flock."""
+    if resume and not out.is_dir():
+        raise CheckpointError(f"nothing to resume: {out} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out / LOCK_NAME, f"run folder {out}"):
+        yield
+
+
+def _read_config_json(path: Path) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:  # CheckpointError is a ValueError too
+        raise CheckpointError(f"cannot resume from {path}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _keep_metrics(out: Path, epochs: int) -> None:
+    """Cut metrics.jsonl back to the ``epochs`` a resumed run keeps (a crash after an append, or
+    in the middle of one, leaves records that the checkpoint lacks); they must be 1..epochs."""
+    kept = [r for r in iter_metrics(out) if r["epoch"] <= epochs]
+    if [r["epoch"] for r in kept] != list(range(1, epochs + 1)):
+        raise CheckpointError(
+            f"{out / 'metrics.jsonl'} holds epochs {[r['epoch'] for r in kept]}, but the "
+            f"checkpoint resumes after epoch {epochs}; the run folder is inconsistent"
+        )
+    _atomic_write_text(
+        "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), out / "metrics.jsonl"
+    )
 
 
 def _train(
@@ -406,12 +497,14 @@ def _train(
 ) -> dict[str, Any]:
     """The loop; ``grad_reduce`` is None for a single process, else how ranks share gradients."""
     last_path = out / "last.pt"
+    held = [name for name in RECORDS if (out / name).exists()]
     if resume:
-        if not last_path.is_file():
-            raise CheckpointError(f"nothing to resume: {last_path} does not exist")
-    elif last_path.exists():
+        if not last_path.is_file() and not (out / "config.json").is_file():
+            raise CheckpointError(f"nothing to resume: {out} holds neither last.pt nor config.json")
+    elif held:
         raise CheckpointError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+            f"{out} already holds a run ({held[0]}); pass --resume to continue it or choose "
+            "another --out"
         )
     D.barrier(world)  # every rank has checked the folder before rank 0 writes to it
     train_data = data.load(cfg.dataset, root, "train", dev, limit=cfg.limit)
@@ -437,7 +530,14 @@ def _train(
         seed=cfg.seed,
     )
     start_epoch, best_val = 0, -1.0
-    if resume:
+    if resume and not last_path.is_file():  # killed before the first last.pt: start again
+        saved = _read_config_json(out / "config.json")
+        if replace(saved, epochs=cfg.epochs) != cfg:
+            raise CheckpointError(
+                f"--resume with a different config than {out / 'config.json'} "
+                "(only --epochs may change)"
+            )
+    elif resume:
         state = load_checkpoint(last_path)
         saved = TrainConfig.from_dict(state["config"])
         if replace(saved, epochs=cfg.epochs) != cfg:
@@ -451,12 +551,8 @@ def _train(
         if dev.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         start_epoch, best_val = state["epoch"] + 1, state["best_val"]
-        if world.main:
-            # Keep the metrics of the epochs last.pt holds; a crash may have left one more line.
-            kept = [r for r in iter_metrics(out) if r["epoch"] <= start_epoch]
-            _atomic_write_text(
-                "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), out / "metrics.jsonl"
-            )
+    if resume and world.main:
+        _keep_metrics(out, start_epoch)  # the epochs last.pt holds (none without one)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(
@@ -505,8 +601,7 @@ def _train(
         }
         if dev.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        _append_line(out / "metrics.jsonl", json.dumps(record, sort_keys=True) + "\n")
         _atomic_save(state, last_path)
         reporter.epoch_end(record)
 
@@ -538,7 +633,7 @@ def finish(
     cfg = TrainConfig.from_dict(ckpt["config"])
     model = model_from_checkpoint(ckpt, device)
     test = evaluate(model, data.load(cfg.dataset, root, "test", device, limit=cfg.eval_limit))
-    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = list(iter_metrics(out))
     result = {
         "model": cfg.model,
         "dataset": cfg.dataset,
@@ -563,11 +658,30 @@ def finish(
 
 
 def iter_metrics(out: Path | str) -> Iterator[dict[str, Any]]:
-    """The per-epoch records of a run folder."""
+    """The per-epoch records of a run folder.
+
+    A torn last line (an append cut short by a kill, power loss or full disk) is skipped: its
+    epoch has no last.pt yet, so ``--resume`` runs it again. Anything else unreadable is a
+    CheckpointError."""
     path = Path(out) / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            yield json.loads(line)
+    if not path.is_file():
+        return
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            if number == len(lines):
+                return
+            record = None
+        if not isinstance(record, dict) or not _is_int(record.get("epoch")):
+            raise CheckpointError(
+                f"{path} line {number} is not an epoch record; the run's metrics are corrupt"
+            )
+        yield record
 
 
 def finetune_config(
