@@ -10,13 +10,17 @@ written atomically and read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import numbers
 import os
 import time
+import types
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,11 +32,49 @@ from . import arch as A
 from . import distributed as D
 from .atomic import exclusive, replacing, write_bytes
 from .errors import CheckpointError, ConfigError
+from .format import MAX_K
 from .layers import score_torch_dtype
 
 CHECKPOINT_VERSION = 1
 SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the annotated type (ints count as floats, bools as neither; lists
+    as tuples, since JSON has no tuples); annotations this does not know are left to the checks."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int or hint is float:
+        number = numbers.Integral if hint is int else numbers.Real
+        return isinstance(value, number) and not isinstance(value, bool)
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple | list) and all(_type_ok(v, item) for v in value)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_types(cfg: Any) -> None:
+    """Every field of dataclass ``cfg`` has its annotated type, before any check compares or
+    allocates with it; lists become tuples."""
+    hints = _field_types(type(cfg))
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _type_ok(value, hints[f.name]):
+            raise ConfigError(
+                f"{f.name} must be {f.type}, got {type(value).__name__} {value!r:.60}"
+            )
+        if isinstance(value, list):
+            object.__setattr__(cfg, f.name, tuple(value))
 
 
 @dataclass(frozen=True)
@@ -61,6 +103,7 @@ class TrainConfig:
     step_in_backward: bool = False  # SGD step per parameter inside backward (same results)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         arch = A.get(self.model)
         if self.dataset is not None:
             data.spec(self.dataset)
@@ -72,8 +115,10 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown method {self.method!r}; choose one of: {', '.join(models.METHODS)}"
             )
-        if self.method == "slot" and self.k < 2:
-            raise ConfigError(f"K must be >= 2, got {self.k}")
+        if self.method == "slot" and not 2 <= self.k <= MAX_K:
+            raise ConfigError(
+                f"K must be >= 2 and <= {MAX_K} (the most a .slot file holds), got {self.k}"
+            )
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}"
@@ -122,15 +167,22 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: Any) -> TrainConfig:
+        """The config a checkpoint or config.json records; anything malformed (a non-dict, missing
+        or unknown keys, wrong types, values out of range) is a CheckpointError."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"config is a {type(d).__name__}, not a dict")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise CheckpointError(f"checkpoint config has unknown keys {sorted(unknown)}")
-        d = dict(d)
-        if d.get("milestones") is not None:
-            d["milestones"] = tuple(d["milestones"])
-        return cls(**d)
+            raise CheckpointError(f"config has unknown keys {sorted(map(str, unknown))}")
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        if required - set(d):
+            raise CheckpointError(f"config lacks {sorted(required - set(d))}")
+        try:
+            return cls(**d)
+        except ConfigError as exc:
+            raise CheckpointError(f"config: {exc}") from None
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -284,12 +336,46 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     for key in ("config", "model", "epoch"):
         if key not in ckpt:
             raise CheckpointError(f"checkpoint {path} lacks {key!r}")
+    problem = _checkpoint_problem(ckpt)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is malformed: {problem}")
+    try:
+        TrainConfig.from_dict(ckpt["config"])
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path} is malformed: {exc}") from None
     ckpt["path"] = str(path)
     return ckpt
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
+    """What is wrong with the structure of a loaded checkpoint (its config aside), if anything."""
+    model = ckpt["model"]
+    if not isinstance(model, dict):
+        return f"'model' is a {type(model).__name__}, not a dict of tensors"
+    bad = [k for k, v in model.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        return f"'model' entry {str(bad[0])!r:.60} is not a named tensor"
+    if not _is_int(ckpt["epoch"]) or not 0 <= ckpt["epoch"] < 2**31:
+        return f"'epoch' must be an int in [0, 2**31), got {ckpt['epoch']!r:.60}"
+    for key in ("val_acc", "best_val"):
+        value = ckpt.get(key, 0.0)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return f"{key!r} must be a number, got {value!r:.60}"
+    return None
+
+
+def _resume_problem(state: dict[str, Any]) -> str | None:
+    """What a last.pt lacks that --resume needs, if anything."""
+    if "best_val" not in state or not isinstance(state.get("optimizer"), dict):
+        return "it lacks 'best_val' or an 'optimizer' dict"
+    for key in ("rng_cpu", "rng_data"):
+        if not torch.is_tensor(state.get(key)) or state[key].dtype != torch.uint8:
+            return f"{key!r} is not a generator state (a uint8 tensor)"
+    return None
 
 
 def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> models.Net:
@@ -539,6 +625,8 @@ def _train(
             )
     elif resume:
         state = load_checkpoint(last_path)
+        if (problem := _resume_problem(state)) is not None:
+            raise CheckpointError(f"cannot resume from {last_path}: {problem}")
         saved = TrainConfig.from_dict(state["config"])
         if replace(saved, epochs=cfg.epochs) != cfg:
             raise CheckpointError(
