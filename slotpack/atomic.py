@@ -13,7 +13,8 @@ Readers never see a half-written file, and a failure leaves any earlier file unt
 - **Locks:** ``exclusive`` holds a lock file for a block (one writer per run folder); a lock of a
   dead process never blocks, because the kernel releases ``flock`` locks with their process.
 
-Locks and cleaning need POSIX ``fcntl``; without it (Windows) they are skipped.
+This targets POSIX systems; without ``fcntl`` (Windows) locks and cleaning are skipped, and
+the rest is untested there.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 TMP_SUFFIX = ".slotpack.tmp"
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)  # descriptors (and their locks) stay out of subprocesses
 # os.link fails with these where a file system has no hard links: fall back to rename.
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV, errno.EMLINK}
 
@@ -64,7 +66,7 @@ def clean_stale(folder: Path | str) -> list[Path]:
     for name in names:
         path = folder / name
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC)
         except OSError:
             continue
         try:
@@ -85,7 +87,7 @@ def _create_temporary(path: Path) -> tuple[Path, int]:
     stem = path.name[:200]  # room for the random part within NAME_MAX
     while True:
         tmp = path.parent / f".{stem}.{secrets.token_hex(4)}{TMP_SUFFIX}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # & ~umask
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o666)  # & ~umask
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a cleaner is about to unlink it
         if os.fstat(fd).st_nlink > 0:
@@ -95,7 +97,7 @@ def _create_temporary(path: Path) -> tuple[Path, int]:
 
 def _fsync_folder(folder: Path) -> None:
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(folder, os.O_RDONLY | _CLOEXEC)
     except OSError:
         return
     try:
@@ -171,8 +173,11 @@ def exclusive(lock_path: Path | str, what: str) -> Iterator[None]:
     holder's process id; the lock dies with its process, so a killed holder never blocks.
     The lock file stays (removing it would let two writers lock two different files)."""
     lock_path = Path(lock_path)
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _CLOEXEC, 0o666)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(lock_path)) from None
     try:

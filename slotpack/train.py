@@ -5,7 +5,9 @@ once per epoch (no ``.item()`` per step). Under torchrun it trains data-parallel
 (``slotpack.distributed``: the same global batches as one process, sharded across ranks). A run
 folder holds ``config.json``, ``metrics.jsonl`` (one JSON line per epoch), ``last.pt``
 (everything ``--resume`` needs), ``best.pt`` (best on the validation split) and ``result.json``. Checkpoints are plain dicts of tensors and primitives,
-written atomically and read with ``torch.load(weights_only=True)``.
+written atomically and read with ``torch.load(weights_only=True)``. A run holds ``.lock`` (flock)
+for its whole life, so a folder has one writer; ``--resume`` finishes a run killed at any moment
+(docs/GUARANTEES.md).
 """
 
 from __future__ import annotations
@@ -301,7 +303,7 @@ def _append_line(path: Path, line: str) -> None:
     """Append one line with a single write (a crash can tear it, which ``iter_metrics`` allows)."""
     data = line.encode()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
             done = 0
             while done < len(data):
