@@ -545,11 +545,18 @@ def _run_lock(out: Path, resume: bool) -> Iterator[None]:
         yield
 
 
-def _read_config_json(path: Path) -> TrainConfig:
+def _check_resumed_config(cfg: TrainConfig, path: Path) -> None:
+    """A run without last.pt resumes from epoch 0, under the config its config.json records."""
+    if not path.is_file():
+        raise CheckpointError(f"nothing to resume: {path.parent} holds no last.pt or config.json")
     try:
-        return TrainConfig.from_dict(json.loads(path.read_text()))
+        saved = TrainConfig.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError) as exc:  # CheckpointError is a ValueError too
         raise CheckpointError(f"cannot resume from {path}: {_first_line(exc)}") from None
+    if replace(saved, epochs=cfg.epochs) != cfg:
+        raise CheckpointError(
+            f"--resume with a different config than {path} (only --epochs may change)"
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -586,10 +593,9 @@ def _train(
     """The loop; ``grad_reduce`` is None for a single process, else how ranks share gradients."""
     last_path = out / "last.pt"
     held = [name for name in RECORDS if (out / name).exists()]
-    if resume:
-        if not last_path.is_file() and not (out / "config.json").is_file():
-            raise CheckpointError(f"nothing to resume: {out} holds neither last.pt nor config.json")
-    elif held:
+    if resume and not last_path.is_file():  # killed before its first last.pt: start again
+        _check_resumed_config(cfg, out / "config.json")
+    elif not resume and held:
         raise CheckpointError(
             f"{out} already holds a run ({held[0]}); pass --resume to continue it or choose "
             "another --out"
@@ -618,14 +624,7 @@ def _train(
         seed=cfg.seed,
     )
     start_epoch, best_val = 0, -1.0
-    if resume and not last_path.is_file():  # killed before the first last.pt: start again
-        saved = _read_config_json(out / "config.json")
-        if replace(saved, epochs=cfg.epochs) != cfg:
-            raise CheckpointError(
-                f"--resume with a different config than {out / 'config.json'} "
-                "(only --epochs may change)"
-            )
-    elif resume:
+    if resume and last_path.is_file():
         state = load_checkpoint(last_path)
         if (problem := _resume_problem(state)) is not None:
             raise CheckpointError(f"cannot resume from {last_path}: {problem}")
