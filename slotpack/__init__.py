@@ -15,6 +15,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     DataError,
+    InUseError,
     OutputExistsError,
     RegistryError,
     SlotpackError,
@@ -55,6 +56,7 @@ __all__ = [
     "DataError",
     "CheckpointError",
     "OutputExistsError",
+    "InUseError",
     "SlotFormatError",
     *_LAZY,
 ]

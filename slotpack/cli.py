@@ -33,6 +33,10 @@ class _OneLineError(click.ClickException):
 
     exit_code = 2
 
+    def show(self, file: Any = None) -> None:
+        _Bars.close_all()  # the error gets a line of its own, not the end of a progress bar
+        super().show(file)
+
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
@@ -51,6 +55,7 @@ class _Group(click.Group):
             where = f"{exc.filename}: " if exc.filename else ""
             raise _OneLineError(f"{where}{exc.strerror or _first_line(exc)}") from None
         except KeyboardInterrupt:
+            _Bars.close_all()
             click.echo("interrupted", err=True)
             sys.exit(130)
 
@@ -58,8 +63,15 @@ class _Group(click.Group):
 class _Bars:
     """A tqdm bar per epoch with loss and accuracy (the train.Reporter protocol)."""
 
+    _open: list[Any] = []  # bars an error may interrupt; closed before it is printed
+
     def __init__(self) -> None:
         self.bar = None
+
+    @classmethod
+    def close_all(cls) -> None:
+        while cls._open:
+            cls._open.pop().close()
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         from tqdm import tqdm
@@ -72,6 +84,7 @@ class _Bars:
             dynamic_ncols=True,
             file=sys.stderr,
         )
+        self._open.append(self.bar)
 
     def step(self) -> None:
         self.bar.update()
@@ -84,6 +97,7 @@ class _Bars:
             s=f"{record['epoch_seconds']:.1f}",
         )
         self.bar.close()
+        self._open.remove(self.bar)
 
 
 def _root(root: Path | None) -> Path:

@@ -23,3 +23,7 @@ class CheckpointError(SlotpackError):
 
 class OutputExistsError(SlotpackError):
     """An output file exists and overwriting it was not asked for (``--force``)."""
+
+
+class InUseError(SlotpackError):
+    """A run folder is being written by another process (it holds the folder's lock)."""

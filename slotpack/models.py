@@ -13,6 +13,7 @@ from torch import nn
 from . import arch as A
 from . import prng
 from .errors import ConfigError
+from .format import MAX_K
 from .layers import SELECTIONS, SlotConv2d, SlotLinear, score_torch_dtype
 
 METHODS = ("slot", "learned")
@@ -156,7 +157,7 @@ def create(
     init: str = "onedraw",
     stick: float = 0.0,
 ) -> Net:
-    """Build zoo model ``name`` as a slot network (any K >= 2) or its dense ``learned`` twin.
+    """Build zoo model ``name`` as a slot network (2 <= K <= 65536) or its dense ``learned`` twin.
 
     ``lean`` keeps no value bank in memory (slot layers regenerate values from the generator);
     ``score_dtype`` ("float32" or "bfloat16") is the dtype of the slot layers' scores; ``init``
@@ -169,8 +170,8 @@ def create(
         raise ConfigError(
             f"unknown selection {selection!r}; choose one of: {', '.join(SELECTIONS)}"
         )
-    if method == "slot" and k < 2:
-        raise ConfigError(f"K must be >= 2, got {k}")
+    if method == "slot" and not 2 <= k <= MAX_K:  # before anything is allocated
+        raise ConfigError(f"K must be >= 2 and <= {MAX_K} (the most a .slot file holds), got {k}")
     if not 0 <= seed < 2**64:
         raise ConfigError(f"seed must be in [0, 2**64), got {seed}")
     score_torch_dtype(score_dtype)

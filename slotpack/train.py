@@ -5,17 +5,24 @@ once per epoch (no ``.item()`` per step). Under torchrun it trains data-parallel
 (``slotpack.distributed``: the same global batches as one process, sharded across ranks). A run
 folder holds ``config.json``, ``metrics.jsonl`` (one JSON line per epoch), ``last.pt``
 (everything ``--resume`` needs), ``best.pt`` (best on the validation split) and ``result.json``. Checkpoints are plain dicts of tensors and primitives,
-written atomically and read with ``torch.load(weights_only=True)``.
+written atomically and read with ``torch.load(weights_only=True)``. A run holds ``.lock`` (flock)
+for its whole life, so a folder has one writer; ``--resume`` finishes a run killed at any moment
+(docs/GUARANTEES.md).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import numbers
+import os
 import time
+import types
+import typing
 from collections.abc import Iterator
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from contextlib import contextmanager, nullcontext
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,13 +32,51 @@ import torch.nn.functional as F
 from . import __version__, data, kernels, layers, models, optim, prng
 from . import arch as A
 from . import distributed as D
-from .atomic import replacing, write_bytes
+from .atomic import exclusive, replacing, write_bytes
 from .errors import CheckpointError, ConfigError
+from .format import MAX_K
 from .layers import score_torch_dtype
 
 CHECKPOINT_VERSION = 1
 SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the annotated type (ints count as floats, bools as neither; lists
+    as tuples, since JSON has no tuples); annotations this does not know are left to the checks."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int or hint is float:
+        number = numbers.Integral if hint is int else numbers.Real
+        return isinstance(value, number) and not isinstance(value, bool)
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple | list) and all(_type_ok(v, item) for v in value)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_types(cfg: Any) -> None:
+    """Every field of dataclass ``cfg`` has its annotated type, before any check compares or
+    allocates with it; lists become tuples."""
+    hints = _field_types(type(cfg))
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _type_ok(value, hints[f.name]):
+            raise ConfigError(
+                f"{f.name} must be {f.type}, got {type(value).__name__} {value!r:.60}"
+            )
+        if isinstance(value, list):
+            object.__setattr__(cfg, f.name, tuple(value))
 
 
 @dataclass(frozen=True)
@@ -62,6 +107,7 @@ class TrainConfig:
     rate: float = 0.0  # rate-aware margin of the reference slot, in layer bounds (0: none)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         arch = A.get(self.model)
         if self.dataset is not None:
             data.spec(self.dataset)
@@ -73,8 +119,10 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown method {self.method!r}; choose one of: {', '.join(models.METHODS)}"
             )
-        if self.method == "slot" and self.k < 2:
-            raise ConfigError(f"K must be >= 2, got {self.k}")
+        if self.method == "slot" and not 2 <= self.k <= MAX_K:
+            raise ConfigError(
+                f"K must be >= 2 and <= {MAX_K} (the most a .slot file holds), got {self.k}"
+            )
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}"
@@ -129,16 +177,23 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: Any) -> TrainConfig:
+        """The config a checkpoint or config.json records; anything malformed (a non-dict, missing
+        or unknown keys, wrong types, values out of range) is a CheckpointError."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"config is a {type(d).__name__}, not a dict")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise CheckpointError(f"checkpoint config has unknown keys {sorted(unknown)}")
-        d = dict(d)
-        d.setdefault("init", "uniform")  # checkpoints written before "onedraw" existed
-        if d.get("milestones") is not None:
-            d["milestones"] = tuple(d["milestones"])
-        return cls(**d)
+            raise CheckpointError(f"config has unknown keys {sorted(map(str, unknown))}")
+        d = {"init": "uniform", **d}  # checkpoints written before "onedraw" existed
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        if required - set(d):
+            raise CheckpointError(f"config lacks {sorted(required - set(d))}")
+        try:
+            return cls(**d)
+        except ConfigError as exc:
+            raise CheckpointError(f"config: {exc}") from None
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -220,9 +275,52 @@ def evaluate(
     return Evaluation(loss_sum.item() / n, correct.item() / n, n, time.perf_counter() - start)
 
 
+class _Writer:
+    """The file object torch.save writes through: it keeps the OSError (disk full, quota, file
+    size limit) that torch would otherwise turn into an opaque ``enforce fail`` RuntimeError."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            done = 0
+            while done < len(view):
+                done += self.f.write(view[done:])
+            return done
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
-    with replacing(path) as tmp:
-        torch.save(obj, tmp)
+    with replacing(path) as tmp, open(tmp, "wb", buffering=0) as f:
+        writer = _Writer(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise OSError(writer.error.errno, writer.error.strerror, str(path)) from None
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line with a single write (a crash can tear it, which ``iter_metrics`` allows)."""
+    data = line.encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(fd, data[done:])
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
@@ -249,8 +347,46 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     for key in ("config", "model", "epoch"):
         if key not in ckpt:
             raise CheckpointError(f"checkpoint {path} lacks {key!r}")
+    problem = _checkpoint_problem(ckpt)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is malformed: {problem}")
+    try:
+        TrainConfig.from_dict(ckpt["config"])
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path} is malformed: {exc}") from None
     ckpt["path"] = str(path)
     return ckpt
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
+    """What is wrong with the structure of a loaded checkpoint (its config aside), if anything."""
+    model = ckpt["model"]
+    if not isinstance(model, dict):
+        return f"'model' is a {type(model).__name__}, not a dict of tensors"
+    bad = [k for k, v in model.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        return f"'model' entry {str(bad[0])!r:.60} is not a named tensor"
+    if not _is_int(ckpt["epoch"]) or not 0 <= ckpt["epoch"] < 2**31:
+        return f"'epoch' must be an int in [0, 2**31), got {ckpt['epoch']!r:.60}"
+    for key in ("val_acc", "best_val"):
+        value = ckpt.get(key, 0.0)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return f"{key!r} must be a number, got {value!r:.60}"
+    return None
+
+
+def _resume_problem(state: dict[str, Any]) -> str | None:
+    """What a last.pt lacks that --resume needs, if anything."""
+    if "best_val" not in state or not isinstance(state.get("optimizer"), dict):
+        return "it lacks 'best_val' or an 'optimizer' dict"
+    for key in ("rng_cpu", "rng_data"):
+        if not torch.is_tensor(state.get(key)) or state[key].dtype != torch.uint8:
+            return f"{key!r} is not a generator state (a uint8 tensor)"
+    return None
 
 
 def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> models.Net:
@@ -385,7 +521,8 @@ def train(
     if not distributed:
         reporter = reporter or SilentReporter()
         world = D.World()
-        return _train(cfg, Path(out), root, dev, resume, reporter, world, None, compile, kernel)
+        with _run_lock(Path(out), resume):
+            return _train(cfg, Path(out), root, dev, resume, reporter, world, None, compile, kernel)
     D.check_grad_reduce(grad_reduce)
     if cfg.step_in_backward and grad_reduce != "weights":
         raise ConfigError(
@@ -395,12 +532,61 @@ def train(
     world, dev, created = D.start(dev)
     try:
         reporter = (reporter or SilentReporter()) if world.main else SilentReporter()
-        return _train(
-            cfg, Path(out), root, dev, resume, reporter, world, grad_reduce, compile, kernel
-        )
+        # Rank 0 alone writes, so it alone locks; if it fails, torchrun stops the other ranks.
+        with _run_lock(Path(out), resume) if world.main else nullcontext():
+            return _train(
+                cfg, Path(out), root, dev, resume, reporter, world, grad_reduce, compile, kernel
+            )
     finally:
         if created:
             D.stop()
+
+
+LOCK_NAME = ".lock"
+RECORDS = ("last.pt", "best.pt", "metrics.jsonl", "config.json", "result.json")
+
+
+@contextmanager
+def _run_lock(out: Path, resume: bool) -> Iterator[None]:
+    """One writer per run folder, for the whole run: ``out/.lock`` held under flock."""
+    if resume and not out.is_dir():
+        raise CheckpointError(f"nothing to resume: {out} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out / LOCK_NAME, f"run folder {out}"):
+        yield
+
+
+def _check_resumed_config(cfg: TrainConfig, path: Path) -> None:
+    """A run without last.pt resumes from epoch 0, under the config its config.json records."""
+    if not path.is_file():
+        raise CheckpointError(f"nothing to resume: {path.parent} holds no last.pt or config.json")
+    try:
+        saved = TrainConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:  # CheckpointError is a ValueError too
+        raise CheckpointError(f"cannot resume from {path}: {_first_line(exc)}") from None
+    if replace(saved, epochs=cfg.epochs) != cfg:
+        raise CheckpointError(
+            f"--resume with a different config than {path} (only --epochs may change)"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _keep_metrics(out: Path, epochs: int) -> None:
+    """Cut metrics.jsonl back to the ``epochs`` a resumed run keeps (a crash after an append, or
+    in the middle of one, leaves records that the checkpoint lacks); they must be 1..epochs."""
+    kept = [r for r in iter_metrics(out) if r["epoch"] <= epochs]
+    if [r["epoch"] for r in kept] != list(range(1, epochs + 1)):
+        raise CheckpointError(
+            f"{out / 'metrics.jsonl'} holds epochs {[r['epoch'] for r in kept]}, but the "
+            f"checkpoint resumes after epoch {epochs}; the run folder is inconsistent"
+        )
+    _atomic_write_text(
+        "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), out / "metrics.jsonl"
+    )
 
 
 def _train(
@@ -417,12 +603,13 @@ def _train(
 ) -> dict[str, Any]:
     """The loop; ``grad_reduce`` is None for a single process, else how ranks share gradients."""
     last_path = out / "last.pt"
-    if resume:
-        if not last_path.is_file():
-            raise CheckpointError(f"nothing to resume: {last_path} does not exist")
-    elif last_path.exists():
+    held = [name for name in RECORDS if (out / name).exists()]
+    if resume and not last_path.is_file():  # killed before its first last.pt: start again
+        _check_resumed_config(cfg, out / "config.json")
+    elif not resume and held:
         raise CheckpointError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+            f"{out} already holds a run ({held[0]}); pass --resume to continue it or choose "
+            "another --out"
         )
     D.barrier(world)  # every rank has checked the folder before rank 0 writes to it
     train_data = data.load(cfg.dataset, root, "train", dev, limit=cfg.limit)
@@ -448,8 +635,10 @@ def _train(
         seed=cfg.seed,
     )
     start_epoch, best_val = 0, -1.0
-    if resume:
+    if resume and last_path.is_file():
         state = load_checkpoint(last_path)
+        if (problem := _resume_problem(state)) is not None:
+            raise CheckpointError(f"cannot resume from {last_path}: {problem}")
         saved = TrainConfig.from_dict(state["config"])
         if replace(saved, epochs=cfg.epochs) != cfg:
             raise CheckpointError(
@@ -462,12 +651,8 @@ def _train(
         if dev.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         start_epoch, best_val = state["epoch"] + 1, state["best_val"]
-        if world.main:
-            # Keep the metrics of the epochs last.pt holds; a crash may have left one more line.
-            kept = [r for r in iter_metrics(out) if r["epoch"] <= start_epoch]
-            _atomic_write_text(
-                "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), out / "metrics.jsonl"
-            )
+    if resume and world.main:
+        _keep_metrics(out, start_epoch)  # the epochs last.pt holds (none without one)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(
@@ -516,8 +701,7 @@ def _train(
         }
         if dev.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        _append_line(out / "metrics.jsonl", json.dumps(record, sort_keys=True) + "\n")
         _atomic_save(state, last_path)
         reporter.epoch_end(record)
 
@@ -549,7 +733,7 @@ def finish(
     cfg = TrainConfig.from_dict(ckpt["config"])
     model = model_from_checkpoint(ckpt, device)
     test = evaluate(model, data.load(cfg.dataset, root, "test", device, limit=cfg.eval_limit))
-    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = list(iter_metrics(out))
     result = {
         "model": cfg.model,
         "dataset": cfg.dataset,
@@ -574,11 +758,30 @@ def finish(
 
 
 def iter_metrics(out: Path | str) -> Iterator[dict[str, Any]]:
-    """The per-epoch records of a run folder."""
+    """The per-epoch records of a run folder.
+
+    A torn last line (an append cut short by a kill, power loss or full disk) is skipped: its
+    epoch has no last.pt yet, so ``--resume`` runs it again. Anything else unreadable is a
+    CheckpointError."""
     path = Path(out) / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            yield json.loads(line)
+    if not path.is_file():
+        return
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            if number == len(lines):
+                return
+            record = None
+        if not isinstance(record, dict) or not _is_int(record.get("epoch")):
+            raise CheckpointError(
+                f"{path} line {number} is not an epoch record; the run's metrics are corrupt"
+            )
+        yield record
 
 
 def finetune_config(
