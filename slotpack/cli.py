@@ -100,6 +100,16 @@ class _Bars:
         self._open.remove(self.bar)
 
 
+def _ks(value: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(v) for v in str(value).split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"not an integer or a comma-separated list of integers: {value!r}", param_hint="--k"
+        ) from None
+    return ks
+
+
 def _root(root: Path | None) -> Path:
     from .data import default_root
 
@@ -127,7 +137,14 @@ def data_cmd(name: str, root: Path | None) -> None:
 @click.option("--model", required=True, help="Zoo name: lenet300100, conv2, conv4, conv6, vgg19.")
 @click.option("--dataset", default=None, help="Data set (default: the model's own).")
 @click.option("--method", type=click.Choice(["slot", "learned"]), default="slot", show_default=True)
-@click.option("--k", "k", type=int, default=8, show_default=True, help="Values per connection.")
+@click.option(
+    "--k",
+    "k",
+    default="8",
+    show_default=True,
+    callback=lambda ctx, param, value: _ks(value),
+    help="Values per connection: one K, or one per weighted layer (for example 2,8,8).",
+)
 @click.option(
     "--selection",
     type=click.Choice(["greedy", "probabilistic"]),
@@ -233,6 +250,8 @@ def train_cmd(
             raise click.BadParameter(
                 f"not a comma-separated list of epochs: {milestones!r}", param_hint="--milestones"
             ) from None
+    ks = options.pop("k")
+    options["k"], options["layer_k"] = max(ks), (ks if len(ks) > 1 else None)
     cfg = TrainConfig(**options)
     distributed = distributed or launched()
     result = train(
@@ -327,7 +346,7 @@ def eval_cmd(
             "engine": "torch",
             "model": cfg.model,
             "method": cfg.method,
-            "k": cfg.k,
+            "k": cfg.layer_k or cfg.k,
             "split": split,
             "accuracy": result.accuracy,
             "loss": result.loss,

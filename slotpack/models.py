@@ -122,12 +122,13 @@ class Net(nn.Sequential):
     ):
         modules: list[nn.Module] = []
         index = 0
+        ks = layer_ks(arch, k)
         for layer in arch.layers:
             if isinstance(layer, A.WEIGHTED):
                 modules.append(
                     _weighted_module(
-                        layer, index, method, k, selection, seed, device, lean, score_dtype,
-                        init, stick,
+                        layer, index, method, ks[index], selection, seed, device, lean,
+                        score_dtype, init, stick,
                     )
                 )
                 index += 1
@@ -144,9 +145,18 @@ class Net(nn.Sequential):
         return [m for m in self if isinstance(m, (SlotLinear, SlotConv2d, nn.Linear, nn.Conv2d))]
 
 
+def layer_ks(arch: A.Arch, k: int | tuple[int, ...]) -> tuple[int, ...]:
+    """One K per weighted layer: ``k`` for all, or ``k`` itself when it lists one per layer."""
+    n = len(arch.weighted)
+    ks = (k,) * n if isinstance(k, int) else tuple(k)
+    if len(ks) != n:
+        raise ConfigError(f"{arch.name} has {n} weighted layers; got {len(ks)} values of K")
+    return ks
+
+
 def create(
     name: str,
-    k: int = 8,
+    k: int | tuple[int, ...] = 8,
     *,
     method: str = "slot",
     selection: str = "greedy",
@@ -163,19 +173,22 @@ def create(
     ``score_dtype`` ("float32" or "bfloat16") is the dtype of the slot layers' scores; ``init``
     how initial scores are drawn ("onedraw": the argmax slot first, so a reader regenerates it
     from one value; "uniform": K independent draws, runs before format version 2);
-    ``stick`` the rate-aware margin (in layer bounds) of the initial argmax slot."""
+    ``stick`` the rate-aware margin (in layer bounds) of the initial argmax slot. ``k`` may list
+    one K per weighted layer."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     if selection not in SELECTIONS:
         raise ConfigError(
             f"unknown selection {selection!r}; choose one of: {', '.join(SELECTIONS)}"
         )
-    if method == "slot" and not 2 <= k <= MAX_K:  # before anything is allocated
+    arch = A.get(name)
+    ks = layer_ks(arch, k)
+    if method == "slot" and not all(2 <= k_i <= MAX_K for k_i in ks):  # before any allocation
         raise ConfigError(f"K must be >= 2 and <= {MAX_K} (the most a .slot file holds), got {k}")
     if not 0 <= seed < 2**64:
         raise ConfigError(f"seed must be in [0, 2**64), got {seed}")
     score_torch_dtype(score_dtype)
-    return Net(A.get(name), method, k, selection, seed, device, lean, score_dtype, init, stick)
+    return Net(arch, method, k, selection, seed, device, lean, score_dtype, init, stick)
 
 
 def dense_from_slot(model: Net) -> Net:

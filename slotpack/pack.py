@@ -228,11 +228,12 @@ def pack_model(
     if mean is None or std is None:
         spec = data.spec(model.arch.dataset)
         mean, std = spec.mean, spec.std
-    indices, tensors, refs = [], {}, []
+    indices, tensors, refs, ks = [], {}, [], []
     for pos, (layer, module) in enumerate(zip(model.arch.layers, model, strict=True)):
         if isinstance(layer, A.WEIGHTED):
             indices.append(_deployed_index(module))
             refs.append(module.reference_rule)
+            ks.append(module.k)
             if module.bias is not None:
                 tensors[F.section_name(pos, "bias")] = module.bias.detach().cpu().numpy()
         elif isinstance(layer, A.BatchNorm2d):
@@ -241,7 +242,7 @@ def pack_model(
     blob = encode_selection(
         model.arch,
         seed=model.seed,
-        k=model.k,
+        k=tuple(ks),
         selection=model.selection,
         indices=indices,
         tensors=tensors,

@@ -104,6 +104,7 @@ class TrainConfig:
     score_dtype: str = "float32"  # or "bfloat16": scores, their gradient and momentum
     step_in_backward: bool = False  # SGD step per parameter inside backward (same results)
     init: str = "onedraw"  # initial scores: "onedraw" or "uniform" (runs before format 2)
+    layer_k: tuple[int, ...] | None = None  # one K per weighted layer (overrides k)
     rate: float = 0.0  # rate-aware margin of the reference slot, in layer bounds (0: none)
 
     def __post_init__(self) -> None:
@@ -119,9 +120,10 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown method {self.method!r}; choose one of: {', '.join(models.METHODS)}"
             )
-        if self.method == "slot" and not 2 <= self.k <= MAX_K:
+        if self.method == "slot" and not all(2 <= k <= MAX_K for k in (self.k, *self.ks)):
             raise ConfigError(
-                f"K must be >= 2 and <= {MAX_K} (the most a .slot file holds), got {self.k}"
+                f"K must be >= 2 and <= {MAX_K} (the most a .slot file holds), got "
+                f"{self.layer_k or self.k}"
             )
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ConfigError(
@@ -147,6 +149,13 @@ class TrainConfig:
         if self.method != "slot" and self.score_dtype != "float32":
             raise ConfigError("--score-dtype applies to slot models; learned models have no scores")
 
+    @property
+    def ks(self) -> tuple[int, ...]:
+        """K of each weighted layer."""
+        if self.layer_k is None:
+            return (self.k,) * len(A.get(self.model).weighted)
+        return models.layer_ks(A.get(self.model), self.layer_k)
+
     def resolved(self) -> TrainConfig:
         """The same config with every default filled in from the reference code."""
         arch = A.get(self.model)
@@ -157,7 +166,7 @@ class TrainConfig:
             elif self.selection == "probabilistic":
                 lr = 25.0 if self.model == "conv6" else 50.0
             else:
-                lr = 0.1 if self.k <= 8 else 0.01
+                lr = 0.1 if max(self.ks) <= 8 else 0.01
         vgg = self.model == "vgg19"
         schedule = self.schedule or ("step" if vgg else "constant")
         milestones = self.milestones if self.milestones is not None else ((80,) if vgg else ())
@@ -393,7 +402,7 @@ def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> models.
     """The freshly initialised network a config describes."""
     return models.create(
         cfg.model,
-        cfg.k,
+        cfg.layer_k or cfg.k,
         method=cfg.method,
         selection=cfg.selection,
         seed=cfg.seed,
@@ -517,7 +526,8 @@ def train(
     if kernel == "triton" and not cfg.lean:
         raise ConfigError("--kernel triton runs lean slot layers; add --lean")
     if cfg.lean:  # an explicit "triton" that cannot run fails here, before any work
-        kernels.resolve(kernel, dev, cfg.k)
+        for k in set(cfg.ks):
+            kernels.resolve(kernel, dev, k)
     if not distributed:
         reporter = reporter or SilentReporter()
         world = D.World()
@@ -707,7 +717,7 @@ def _train(
 
     extra: dict[str, Any] = {"train_count": len(train_data), "val_count": len(val_data)}
     if cfg.lean:  # what ran, for reading epoch times (the numbers are the same either way)
-        extra["kernel"] = kernels.resolve(kernel, dev, cfg.k)
+        extra["kernel"] = kernels.resolve(kernel, dev, max(cfg.ks))
     if grad_reduce is not None:
         digests = D.replica_digests(net, world)
         extra.update(world_size=world.size, grad_reduce=grad_reduce, replica_digests=digests)
@@ -738,7 +748,7 @@ def finish(
         "model": cfg.model,
         "dataset": cfg.dataset,
         "method": cfg.method,
-        "k": cfg.k,
+        "k": cfg.layer_k or cfg.k,
         "selection": cfg.selection,
         "seed": cfg.seed,
         "epochs": len(epochs),

@@ -1,0 +1,214 @@
+"""How much of a trained network training changed, what coding it costs, and what decoding costs.
+
+    python -m benchmarks.index_coding stats runs/lenet-k8-e40-s0 [RUN ...]
+    python -m benchmarks.index_coding rebuild --fractions 0.05 0.15 0.3
+
+``stats`` reads each run's best checkpoint (torch) and writes one record per run: per weighted
+layer, the fraction of connections whose deployed index differs from the reference slot a reader
+regenerates (docs/FORMAT.md §1.8), and the empirical entropies of the candidate codings: plain
+indices, "changed or not" plus the new slot uniform among the K-1 others (delta, order 0), plus
+the new slot's rank in the reference order (delta + rank), and the same with the input unit or
+the output unit as context for "changed or not" (ideal: no cost for the context tables). It also
+records the bytes the file's own ``delta`` coding spends, so the gap to those ideals is visible.
+Probabilistic runs are measured against their ``draw`` rule and against the exact fixed draw from
+their initial scores (the Gumbel-max draw with the deploy stream's uniforms), which a reader
+could not regenerate bit for bit.
+
+``rebuild`` times ``slotpack.runtime.rebuild`` of VGG-19 K=8 files in the ``bits`` and ``delta``
+encodings, interleaved, for synthetic trained-like indices (a given fraction of connections moved
+off their ``onedraw`` reference, ranks drawn as measured on Lenet: 70% runner-up, geometric).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import write_record
+
+LENET_CONNECTIONS = 266_200
+
+
+def _entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def _conditional(context: np.ndarray, flag: np.ndarray, contexts: int) -> float:
+    """H(flag | context) in bits per connection, from the empirical joint counts."""
+    table = np.zeros((contexts, 2))
+    np.add.at(table, (context, flag.astype(np.int64)), 1)
+    return float(sum(row.sum() * _entropy(row) for row in table if row.sum())) / flag.size
+
+
+def layer_stats(index: np.ndarray, ref: np.ndarray, ranks: np.ndarray, shape, k: int) -> dict:
+    """Entropy estimates (bits per connection) of the codings of one layer's indices."""
+    n = index.size
+    changed = index != ref
+    p = float(changed.mean())
+    flag = _entropy(np.bincount(changed.astype(np.int64), minlength=2))
+    rank = _entropy(np.bincount(ranks, minlength=k)) if ranks.size else 0.0
+    fan_in = n // shape[0]
+    unit_in = (
+        (np.arange(n) % fan_in)
+        if len(shape) == 2
+        else (np.arange(n) // int(np.prod(shape[2:]))) % shape[1]
+    )
+    unit_out = np.arange(n) // fan_in
+    return {
+        "connections": n,
+        "changed_fraction": p,
+        "plain_entropy": _entropy(np.bincount(index, minlength=k)),
+        "delta_order0": flag + p * np.log2(k - 1),
+        "delta_rank": flag + p * rank,
+        "delta_rank_input_context": _conditional(unit_in, changed, int(unit_in.max()) + 1)
+        + p * rank,
+        "delta_rank_output_context": _conditional(unit_out, changed, shape[0]) + p * rank,
+        "rank_entropy": rank,
+        "rank_histogram": np.bincount(ranks, minlength=k)[1:].tolist(),
+    }
+
+
+def stats(run: Path) -> dict[str, Any]:
+    """One record's payload for a run folder: per-layer change statistics and coding costs."""
+    from slotpack import format as F
+    from slotpack import prng
+    from slotpack.pack import pack_model
+    from slotpack.train import load_model
+
+    model, cfg = load_model(run)
+    blob, _ = pack_model(model)
+    slot = F.decode(blob)
+    layers = []
+    for w in slot.weights:
+        index = slot.indices(w.section).astype(np.int64)
+        ref = slot.reference(w).astype(np.int64)
+        changed = np.flatnonzero(index != ref)
+        ranks = prng.ranks_np(
+            slot.seed, w.number, changed, index[changed], ref[changed], w.k, w.reference
+        )
+        row = layer_stats(index, ref, ranks, w.layer.weight_shape, w.k)
+        s = slot.sections[w.section]
+        row.update(position=w.position, k=w.k, reference=w.reference, encoding=s.encoding,
+                   coded_bits=8 * s.length / w.count)  # fmt: skip
+        if cfg.selection == "probabilistic":  # the exact fixed draw from the initial scores
+            from slotpack.layers import select_index
+
+            init = prng.initial_scores_torch(
+                cfg.seed, w.number, w.count, w.k, w.bound, init=cfg.init
+            )
+            key = prng.draw_key(cfg.seed, w.number)
+            fixed = select_index(init, "probabilistic", False, key).numpy()
+            row["fixed_draw_of_initial_scores_changed_fraction"] = float((index != fixed).mean())
+            row["draw_rule_matches_fixed_draw"] = float((ref == fixed).mean())
+        layers.append(row)
+    n = sum(r["connections"] for r in layers)
+    total = {key: sum(r[key] * r["connections"] for r in layers) / n for key in
+             ("changed_fraction", "plain_entropy", "delta_order0", "delta_rank",
+              "delta_rank_input_context", "delta_rank_output_context", "coded_bits")}  # fmt: skip
+    result_file = run / "result.json"
+    test_acc = None
+    if result_file.is_file():
+        import json
+
+        test_acc = json.loads(result_file.read_text()).get("test_acc")
+    return {
+        "kind": "index_stats",
+        "run": str(run),
+        "config": cfg.to_dict(),
+        "test_acc": test_acc,
+        "file_bytes": len(blob),
+        "bits_per_connection": 8 * len(blob) / n,
+        "layers": layers,
+        "total": total,
+    }
+
+
+def _vgg_files(fraction: float, seed: int = 0) -> dict[str, bytes]:
+    from slotpack import arch as A
+    from slotpack import prng
+    from slotpack.pack import encode_selection
+
+    arch, rng = A.get("vgg19"), np.random.default_rng(seed)
+    indices = []
+    for number, layer in enumerate(arch.weighted):
+        n, bound = int(np.prod(layer.weight_shape)), prng.glorot_bound(*layer.fans)
+        index = prng.reference_np(seed, number, n, 8, bound, "onedraw").astype(np.int64)
+        moved = np.flatnonzero(rng.random(n) < fraction)
+        ranks = np.minimum(rng.geometric(0.7, moved.size), 7)
+        index[moved] = prng.slots_at_ranks_np(
+            seed, number, moved, ranks, index[moved], 8, "onedraw"
+        )
+        indices.append(index)
+    tensors = {}
+    for pos, layer in enumerate(arch.layers):
+        if isinstance(layer, A.BatchNorm2d):
+            tensors[f"{pos}.running_mean"] = np.zeros(layer.num_features)
+            tensors[f"{pos}.running_var"] = np.ones(layer.num_features)
+        elif isinstance(layer, A.WEIGHTED) and layer.bias:
+            tensors[f"{pos}.bias"] = np.zeros(layer.weight_shape[0])
+    common = dict(seed=seed, k=8, selection="greedy", indices=indices, tensors=tensors,
+                  mean=(0.0,) * 3, std=(1.0,) * 3, references=("onedraw",) * len(indices))  # fmt: skip
+    return {enc: encode_selection(arch, index_encoding=enc, **common) for enc in ("bits", "delta")}
+
+
+def rebuild_times(fractions: list[float], repeats: int) -> dict[str, Any]:
+    from slotpack.runtime import rebuild
+
+    rows = []
+    for fraction in fractions:
+        files = _vgg_files(fraction)
+        times: dict[str, list[float]] = {enc: [] for enc in files}
+        for _ in range(repeats):  # interleaved, so load on the machine hits both alike
+            for enc, data in files.items():
+                start = time.perf_counter()
+                rebuild(data)
+                times[enc].append(time.perf_counter() - start)
+        rows.append({
+            "changed_fraction": fraction,
+            "bytes": {enc: len(data) for enc, data in files.items()},
+            "seconds": times,
+            "best_ratio": min(times["delta"]) / min(times["bits"]),
+            "median_ratio": float(np.median(times["delta"]) / np.median(times["bits"])),
+        })  # fmt: skip
+    return {"kind": "rebuild_time", "model": "vgg19", "k": 8, "repeats": repeats, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("stats")
+    s.add_argument("runs", type=Path, nargs="+")
+    r = sub.add_parser("rebuild")
+    r.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.15, 0.3])
+    r.add_argument("--repeats", type=int, default=5)
+    r.add_argument("--name", default="rebuild_time_vgg19_k8")
+    args = p.parse_args(argv)
+    if args.what == "stats":
+        for run in args.runs:
+            payload = stats(run)
+            path = write_record(f"index_stats_{run.name}", payload)
+            t = payload["total"]
+            print(f"{run.name}: changed {100 * t['changed_fraction']:.2f}%, plain "
+                  f"{t['plain_entropy']:.3f}, delta order-0 {t['delta_order0']:.3f}, +rank "
+                  f"{t['delta_rank']:.3f}, +input context {t['delta_rank_input_context']:.3f}, "
+                  f"coded {t['coded_bits']:.3f} bits/connection; file "
+                  f"{payload['bits_per_connection']:.3f} -> {path}")  # fmt: skip
+    else:
+        payload = rebuild_times(args.fractions, args.repeats)
+        path = write_record(args.name, payload)
+        for row in payload["rows"]:
+            print(f"changed {row['changed_fraction']:.2f}: delta/bits {row['best_ratio']:.2f}x "
+                  f"(best of {args.repeats}), {row['median_ratio']:.2f}x median -> {path}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
