@@ -5,6 +5,9 @@
   and, for Lenet-300-100, the published Deep Compression point (Han et al. 2016: 40x, 98.42%).
   Seed 0 and float32 scores only; points are joined (and coloured) per training regime
   (training images and epochs), so short and long runs are never drawn as one curve.
+- ``frontier_lenet300100.png``: the accuracy-size frontier of Lenet-300-100: every slot run with
+  its file in the fixed-width and in the smallest encoding (delta), rate-aware runs by margin,
+  and the published compressors as anchors.
 - ``curves.png``: validation accuracy per epoch of the headline runs (``HEADLINE`` models, K=8
   or dense, seed 0), labelled with their training regime and device.
 """
@@ -15,6 +18,12 @@ from pathlib import Path
 from typing import Any
 
 DEEP_COMPRESSION_LENET = (32 / 40, 0.9842)  # 40x smaller than float32, 98.42% (ICLR 2016)
+# Published compressors of Lenet-300-100 on MNIST: (label, bits per weight, test accuracy)
+LENET_ANCHORS = (
+    ("Deep Compression (Han et al. 2016)", 0.80, 0.9842),
+    ("Soft weight-sharing (Ullrich et al. 2017)", 0.50, 0.9806),
+    ("Entropy-penalized reparam. (Oktay et al. 2020)", 0.26, 0.981),
+)
 HEADLINE = ("lenet300100", "conv6", "vgg19")
 
 
@@ -43,8 +52,8 @@ def _points(records: list[dict[str, Any]], model: str):
         cfg, dep = r["config"], r.get("deployed") or {}
         if cfg["model"] != model or "onnx" not in dep or cfg["seed"] != 0:
             continue
-        if cfg.get("score_dtype", "float32") != "float32":
-            continue
+        if cfg.get("score_dtype", "float32") != "float32" or cfg.get("rate") or cfg.get("layer_k"):
+            continue  # rate-aware and per-layer-K runs are drawn on the frontier plot
         conns = r.get("connections")
         acc = dep["onnx"]["ort_test_acc"]
         regime = _regime(r)
@@ -128,6 +137,64 @@ def accuracy_vs_bits(records: list[dict[str, Any]], folder: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def frontier_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Lenet-300-100 slot runs as (label, bits, acc, seed, kind) rows: kind "plain" for the
+    fixed-width file, "delta" for the smallest encoding (records from format version 2 on)."""
+    rows = []
+    for r in records:
+        cfg, dep = r["config"], r.get("deployed") or {}
+        if cfg["model"] != "lenet300100" or cfg["method"] != "slot" or "slot" not in dep:
+            continue
+        if cfg.get("score_dtype", "float32") != "float32" or cfg["selection"] != "greedy":
+            continue
+        ks = cfg.get("layer_k") or cfg["k"]
+        ks = ",".join(map(str, ks)) if isinstance(ks, list) else str(ks)
+        tag = f"K={ks}" + (f", rate {cfg['rate']:g}" if cfg.get("rate") else "")
+        tag += f", {cfg['epochs']} ep" + (", cosine" if cfg.get("schedule") == "cosine" else "")
+        acc, index = dep["slot"]["ort_test_acc"], dep["slot"].get("index")
+        plain = index["bits_bytes"] if index else dep["slot"]["bytes"]
+        rows.append(dict(label=tag, bits=8 * plain / 266_200, acc=acc, seed=cfg["seed"],
+                         kind="plain", rate=cfg.get("rate", 0.0)))  # fmt: skip
+        if index:
+            rows.append(dict(label=tag, bits=8 * dep["slot"]["bytes"] / 266_200, acc=acc,
+                             seed=cfg["seed"], kind="delta", rate=cfg.get("rate", 0.0)))  # fmt: skip
+    return rows
+
+
+def frontier(records: list[dict[str, Any]], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = frontier_points(records)
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    for kind, marker, color in (("plain", "o", "C0"), ("delta", "s", "C3")):
+        pts = [r for r in rows if r["kind"] == kind]
+        ax.scatter([r["bits"] for r in pts], [100 * r["acc"] for r in pts], marker=marker,
+                   color=color, label="slotpack, fixed-width indices" if kind == "plain"
+                   else "slotpack, only what training changed (delta)")  # fmt: skip
+        for r in pts:
+            if r["seed"] == 0:
+                ax.annotate(r["label"], (r["bits"], 100 * r["acc"]), textcoords="offset points",
+                            xytext=(4, 3), fontsize=6)  # fmt: skip
+    for i, (name, bits, acc) in enumerate(LENET_ANCHORS):
+        ax.scatter([bits], [100 * acc], marker="D", color=f"C{4 + i}", label=f"{name}, published")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bits per connection (whole file bytes x 8 / 266,200)")
+    ax.set_ylabel("MNIST test accuracy, onnxruntime (%)")
+    ax.set_title("Lenet-300-100: accuracy against size (CPU runs)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    path = folder / "frontier_lenet300100.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def curves(records: list[dict[str, Any]], folder: Path) -> list[Path]:

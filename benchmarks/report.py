@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks import onnx_bench
+from benchmarks import index_coding, onnx_bench
 from benchmarks.common import RESULTS, load_records
 from slotpack import arch
 
@@ -392,6 +392,9 @@ def render(folder: Path = RESULTS) -> str:
     lines += accuracy_section(by_kind.get("accuracy", []), hybrid)
     lines += storage_section(by_kind.get("storage", []))
     lines += pack_speed_section(by_kind.get("pack_speed", []))
+    lines += index_coding.section(
+        by_kind.get("accuracy", []), by_kind.get("index_stats", []), by_kind.get("rebuild_time", [])
+    )
     lines += onnx_bench.section(by_kind.get("onnx", []))
     lines += step_section(by_kind.get("step_time", []))
     lines += kernel_section(by_kind.get("kernel_speed", []))
@@ -410,7 +413,11 @@ def plots_section(records: list[dict[str, Any]]) -> list[str]:
     folder = OUT.parent / "plots"
     folder.mkdir(exist_ok=True)
     try:
-        paths = plots.accuracy_vs_bits(records, folder) + plots.curves(records, folder)
+        paths = (
+            plots.accuracy_vs_bits(records, folder)
+            + plots.frontier(records, folder)
+            + plots.curves(records, folder)
+        )
     except ImportError:
         return [
             "## Plots",
