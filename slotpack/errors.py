@@ -23,3 +23,16 @@ class CheckpointError(SlotpackError):
 
 class OutputExistsError(SlotpackError):
     """An output file exists and overwriting it was not asked for (``--force``)."""
+
+
+class OutOfMemoryError(SlotpackError):
+    """Memory ran out building what a valid input asks for; the message names what and how big."""
+
+
+def size_text(nbytes: int) -> str:
+    """A byte count for messages: ``"1.50 GiB"``, ``"12.0 MiB"``, ``"980 bytes"``."""
+    if nbytes >= 1 << 30:
+        return f"{nbytes / (1 << 30):.2f} GiB"
+    if nbytes >= 1 << 20:
+        return f"{nbytes / (1 << 20):.1f} MiB"
+    return f"{nbytes:,} bytes"
