@@ -334,13 +334,18 @@ def _eval_ort(
     from . import data
     from .errors import ConfigError
     from .runtime import evaluate, session
+    from .runtime.session import input_normalisation, recorded_dataset, signature
 
     sess = session(target)
-    if dataset is None:
-        recorded = json.loads(sess.get_modelmeta().custom_metadata_map.get("metadata") or "{}")
-        dataset = recorded.get("dataset")
+    try:  # a foreign model's interface, before any data is loaded
+        signature(sess)
+        input_normalisation(sess)
         if dataset is None:
-            raise ConfigError(f"{target} does not record its data set; pass --dataset")
+            dataset = recorded_dataset(sess)
+    except SlotpackError as exc:
+        raise type(exc)(f"{target}: {exc}") from None
+    if dataset is None:
+        raise ConfigError(f"{target} does not record its data set; pass --dataset")
     test = data.load(dataset, root, split, "cpu", limit=limit)
     x, y = test.x.numpy(), test.y.numpy()
     with tqdm(
