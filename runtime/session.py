@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from slotpack.errors import SlotpackError, size_text
+from slotpack.errors import OutOfMemoryError, SlotpackError, size_text
 
 
 class ModelFileError(SlotpackError):
@@ -157,7 +157,10 @@ def _onnx_source(path: Path) -> str:
         if not path.is_file():  # a FIFO or a device would hang or never end
             what = "does not exist" if not path.exists() else "is not a regular file"
             raise ModelFileError(f"cannot read {path}: it {what}")
-        model = onnx.load_model(path, load_external_data=False)
+        # always binary: onnx would guess a text format from some suffixes, onnxruntime never does
+        model = onnx.load_model(path, format="protobuf", load_external_data=False)
+    except MemoryError:
+        raise OutOfMemoryError(f"out of memory reading {path}") from None
     except OSError as exc:
         raise ModelFileError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (DecodeError, RuntimeError, ValueError) as exc:
@@ -173,8 +176,10 @@ def _bytes_source(data: bytes) -> bytes:
 
     try:
         model = onnx.ModelProto.FromString(data)
-    except DecodeError:
-        return data  # onnxruntime says what is wrong with it
+    except DecodeError as exc:
+        raise ModelFileError(
+            f"cannot load model bytes: not an ONNX model ({_first(exc)})"
+        ) from None
     _check_external_data(model, None, "model bytes")
     return data
 
@@ -199,7 +204,7 @@ def session(source: Path | str | bytes, *, self_decoding: bool = False, threads:
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except MemoryError:
-        raise ModelFileError(f"out of memory loading {name} into onnxruntime") from None
+        raise OutOfMemoryError(f"out of memory loading {name} into onnxruntime") from None
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
         raise ModelFileError(f"onnxruntime cannot load {name}: {_first(exc)}") from None
 
@@ -339,7 +344,10 @@ def normalize(x_uint8: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndar
 
 def check_input(sess, x: np.ndarray) -> None:
     """InputError unless ``x`` is float32 ``[N, C, H, W]`` with the model's fixed C, H, W."""
-    sig = signature(sess)
+    _check_input(signature(sess), x)
+
+
+def _check_input(sig: Signature, x: np.ndarray) -> None:
     shape = sig.shape_text()
     if not isinstance(x, np.ndarray) or x.dtype != np.float32:
         raise InputError(
@@ -355,8 +363,8 @@ def predict(sess, x: np.ndarray) -> np.ndarray:
 
     A model with a fixed batch size runs on slices of that size (the last one zero-padded).
     """
-    check_input(sess, x)
     sig = signature(sess)
+    _check_input(sig, x)
     if sig.batch is None or len(x) == sig.batch:
         return _run(sess, sig, x)
     parts = []
@@ -375,7 +383,7 @@ def _run(sess, sig: Signature, x: np.ndarray) -> np.ndarray:
     try:
         (logits,) = sess.run([sig.output], {sig.input: x})
     except MemoryError:
-        raise ModelFileError(
+        raise OutOfMemoryError(
             f"out of memory running the model on a {list(x.shape)} batch"
         ) from None
     except Exception as exc:  # onnxruntime's own types: the model cannot run on this input

@@ -359,3 +359,17 @@ def test_exported_external_data_evaluates_from_any_folder(folders, mnist_root):
         assert r.exit_code == 0, r.output
         records.append(json.loads(r.stdout)["accuracy"])
     assert records[0] == records[1]
+
+
+def test_only_regular_onnx_files_are_read(tmp_path):
+    os.mkfifo(tmp_path / "fifo.onnx")  # reading it would wait for a writer forever
+    (tmp_path / "dir.onnx").mkdir()
+    for name in ("fifo.onnx", "dir.onnx"):
+        with pytest.raises(ModelFileError, match=f"cannot read .*{name}: it is not a regular file"):
+            session(tmp_path / name)
+    with pytest.raises(ModelFileError, match="it does not exist"):
+        session(tmp_path / "missing.onnx")
+    # a .txt or .textproto suffix does not make the check read a different format than
+    # onnxruntime: both read protobuf bytes
+    path = _save(_model(), tmp_path / "m.textproto")
+    assert signature(session(path)).image == (1, 28, 28)
