@@ -16,8 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -27,19 +32,50 @@ from slotpack import __version__, prng
 from slotpack import arch as A
 from slotpack import bits as B
 from slotpack import format as F
-from slotpack.errors import ConfigError, OutputExistsError
+from slotpack.errors import ConfigError, OutOfMemoryError, OutputExistsError, size_text
 
 OPSET = 18  # BitwiseAnd/BitwiseXor need 18; onnxruntime >= 1.21 runs all of it
 IR_VERSION = 8  # the IR version that opset 18 was released with
 INPUT, OUTPUT = "input", "logits"
 
 
-class _Graph:
-    """Accumulates nodes and initializers with short unique names."""
+class ExternalData:
+    """Where a graph's large initializers go instead of the protobuf: ``file``, open for writing,
+    named ``location`` relative to the model's folder (ONNX's external data convention)."""
 
-    def __init__(self) -> None:
+    MIN_BYTES = 1024  # onnx's convert_model_to_external_data default: smaller ones stay inline
+    ALIGN = 4096  # page-aligned offsets, so a runtime may map the tensors
+
+    def __init__(self, file: BinaryIO, location: str) -> None:
+        self.file, self.location = file, location
+
+    def add(self, tensor: onnx.TensorProto, name: str, array: np.ndarray) -> None:
+        """Append ``array`` to the file and make ``tensor`` refer to it."""
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        offset = -(-self.file.tell() // self.ALIGN) * self.ALIGN
+        self.file.write(bytes(offset - self.file.tell()))
+        self.file.write(memoryview(array).cast("B"))
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        where = {"location": self.location, "offset": offset, "length": array.nbytes}
+        for key, value in where.items():
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+
+
+class _Graph:
+    """Accumulates nodes and initializers with short unique names.
+
+    Initializers go straight into the model being built (or, with ``external``, into its
+    external data file), so a large graph is never copied whole on the way to the file.
+    """
+
+    def __init__(self, external: ExternalData | None = None) -> None:
         self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
+        self.model = onnx.ModelProto()
+        self.external = external
         self._count = 0
 
     def name(self, hint: str) -> str:
@@ -50,7 +86,11 @@ class _Graph:
         self, value: np.ndarray | int | float, dtype: np.dtype | type, hint: str = "c"
     ) -> str:
         name = self.name(hint)
-        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        array = np.asarray(value, dtype=dtype)
+        if self.external is not None and array.nbytes >= ExternalData.MIN_BYTES:
+            self.external.add(self.model.graph.initializer.add(), name, array)
+        else:
+            self.model.graph.initializer.append(numpy_helper.from_array(array, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], hint: str = "t", **attrs) -> str:
@@ -201,19 +241,17 @@ def _model(
     g: _Graph, x: str, input_shape: tuple[int, ...], num_classes: int, props: dict[str, str]
 ) -> onnx.ModelProto:
     g.nodes.append(helper.make_node("Identity", [x], [OUTPUT]))
-    graph = helper.make_graph(
-        g.nodes,
-        "slotpack",
-        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", *input_shape])],
-        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["N", num_classes])],
-        g.inits,
+    # What helper.make_graph and make_model build, filled in place: they would copy every
+    # initializer twice.
+    model, graph = g.model, g.model.graph
+    graph.name = "slotpack"
+    graph.node.extend(g.nodes)
+    graph.input.append(helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", *input_shape]))
+    graph.output.append(
+        helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["N", num_classes])
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="slotpack",
-        producer_version=__version__,
-    )
+    model.opset_import.append(helper.make_opsetid("", OPSET))
+    model.producer_name, model.producer_version = "slotpack", __version__
     model.ir_version = IR_VERSION
     helper.set_model_props(model, {"slotpack_version": __version__, **props})
     return model
@@ -228,12 +266,20 @@ def _props(mean, std, metadata: dict) -> dict[str, str]:
 
 
 def export(
-    slot: F.SlotFile, *, self_decoding: bool = False, source: bytes | None = None
+    slot: F.SlotFile,
+    *,
+    self_decoding: bool = False,
+    source: bytes | None = None,
+    external: ExternalData | None = None,
 ) -> onnx.ModelProto:
-    """The ONNX model of a decoded ``.slot`` file; ``source`` (the file bytes) is hashed into the metadata."""
+    """The ONNX model of a decoded ``.slot`` file; ``source`` (the file bytes) is hashed into the metadata.
+
+    With ``external``, tensors of 1 KiB or more are written to its file as they are made (one
+    layer's in memory at a time) and the model only refers to them.
+    """
     from slotpack.runtime.rebuild import weight
 
-    g = _Graph()
+    g = _Graph(external)
     x = INPUT
     number = 0
     for pos, (layer, roles) in enumerate(zip(slot.layers, slot.tensors, strict=True)):
@@ -241,14 +287,15 @@ def export(
         def tensor(role: str, pos=pos, roles=roles) -> str:
             return g.const(slot.tensor(roles[role]), np.float32, f"l{pos}{role[:1]}")
 
-        w = None
-        if isinstance(layer, A.WEIGHTED):
-            if self_decoding:
-                w = _decode_weight(g, slot, number, layer, roles["indices"])
-            else:
-                w = g.const(weight(slot, pos), np.float32, f"l{pos}w")
-            number += 1
-        x = _layer_nodes(g, x, layer, tensor, w)
+        with _building(f"layer {pos} ({_describe(layer)}) of the ONNX graph"):
+            w = None
+            if isinstance(layer, A.WEIGHTED):
+                if self_decoding:
+                    w = _decode_weight(g, slot, number, layer, roles["indices"])
+                else:
+                    w = g.const(weight(slot, pos), np.float32, f"l{pos}w")
+                number += 1
+            x = _layer_nodes(g, x, layer, tensor, w)
     m = slot.manifest
     props = {
         "generator": m["generator"]["id"],
@@ -259,6 +306,22 @@ def export(
         **_props(m["input"]["mean"], m["input"]["std"], m["metadata"]),
     }
     return _model(g, x, slot.input_shape, m["num_classes"], props)
+
+
+@contextmanager
+def _building(what: str) -> Iterator[None]:
+    """A MemoryError inside becomes one OutOfMemoryError naming ``what`` was being built."""
+    try:
+        yield
+    except MemoryError:
+        raise OutOfMemoryError(f"out of memory building {what}") from None
+
+
+def _describe(layer: A.Layer) -> str:
+    if not isinstance(layer, A.WEIGHTED):
+        return layer.op
+    n = math.prod(layer.weight_shape)
+    return f"{layer.op}, {n:,} weights, {size_text(4 * n)} as float32"
 
 
 def export_arrays(
@@ -285,18 +348,167 @@ def export_arrays(
     return _model(g, x, input_shape, num_classes, _props(mean, std, metadata or {}))
 
 
+# protobuf cannot serialize a message of 2 GiB or more; 64 MiB is left for nodes and metadata
+# (a manifest holds at most 1 MiB of them).
+MAX_INLINE_BYTES = (1 << 31) - (1 << 26)
+
+
+def initializer_bytes(slot: F.SlotFile, *, self_decoding: bool = False) -> int:
+    """Bytes of the tensors an export of ``slot`` holds: float32 weights (or packed indices),
+    biases and BatchNorm statistics, each float32. Computed from the manifest; nothing is built."""
+    total = 0
+    for layer, roles in zip(slot.layers, slot.tensors, strict=True):
+        if isinstance(layer, A.BatchNorm2d):
+            total += 8 * layer.num_features  # the constant scale and shift
+        for role, name in roles.items():
+            section = slot.sections[name]
+            packed = role == "indices" and self_decoding
+            total += section.length + 8 if packed else 4 * section.count
+    return total
+
+
+def data_path(output: Path | str) -> Path:
+    """Where the external data of an exported ``output`` goes: ``model.onnx.data`` beside it."""
+    output = Path(output)
+    return output.with_name(output.name + ".data")
+
+
 def export_file(
-    source: Path | str, output: Path | str, *, self_decoding: bool = False, force: bool = False
+    source: Path | str,
+    output: Path | str,
+    *,
+    self_decoding: bool = False,
+    force: bool = False,
+    max_inline_bytes: int | None = None,
 ) -> tuple[int, int]:
-    """Export a ``.slot`` file to ``output`` (checked with onnx's full checker); (onnx, slot) bytes."""
-    from slotpack.atomic import write_bytes
+    """Export a ``.slot`` file to ``output`` (checked with onnx's full checker); (onnx, slot) bytes.
+
+    Tensors are streamed to a data file one layer at a time and the graph is checked by path, so
+    memory holds one layer, never the model. When they exceed ``max_inline_bytes`` (default
+    MAX_INLINE_BYTES: protobuf's 2 GiB limit, less room for the graph) the data file stays as
+    :func:`data_path` (ONNX external data) and the size returned counts both files; otherwise they are copied into ``output``,
+    which gets the bytes ``export(...).SerializeToString()`` would give. Both files are written
+    atomically, the data file first; neither replaces an existing file without ``force``.
+    """
+    from slotpack.atomic import replacing
 
     output = Path(output)
     if output.exists() and not force:
         raise OutputExistsError(f"{output} exists; pass --force to overwrite it")
     slot = F.read(source)
-    model = export(slot, self_decoding=self_decoding, source=slot.payload.obj)
-    onnx.checker.check_model(model, full_check=True)
-    blob = model.SerializeToString()
-    write_bytes(output, blob, force=force)
-    return len(blob), slot.size
+    limit = MAX_INLINE_BYTES if max_inline_bytes is None else max_inline_bytes
+    external = initializer_bytes(slot, self_decoding=self_decoding) > limit
+    data = data_path(output)
+    if external and data.exists() and not force:
+        raise OutputExistsError(f"{data} exists; pass --force to overwrite it")
+    with replacing(output, force=force) as tmp, _data_file(data, external, force) as tmp_data:
+        with open(tmp_data, "wb") as f:
+            sink = ExternalData(f, tmp_data.name)
+            model = export(
+                slot, self_decoding=self_decoding, source=slot.payload.obj, external=sink
+            )
+        # The checker reads external data next to the model: check the temporary pair.
+        tmp.write_bytes(model.SerializeToString())
+        onnx.checker.check_model(str(tmp), full_check=True)
+        if external:
+            _relocate(model, data.name)
+            tmp.write_bytes(model.SerializeToString())
+        else:
+            with open(tmp, "wb") as out, open(tmp_data, "rb") as tensors:
+                _write_inline(model, tensors, out)
+    size = output.stat().st_size + (data.stat().st_size if external else 0)
+    return size, slot.size
+
+
+@contextmanager
+def _data_file(data: Path, keep: bool, force: bool) -> Iterator[Path]:
+    """A temporary data file beside ``data``: it becomes ``data`` if ``keep``, else is removed."""
+    from slotpack.atomic import replacing
+
+    if keep:
+        with replacing(data, force=force) as tmp:
+            yield tmp
+        return
+    fd, name = tempfile.mkstemp(prefix=f".{data.name}.", suffix=".tmp", dir=data.parent)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def _relocate(model: onnx.ModelProto, location: str) -> None:
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+
+
+# ------------------------------------------------------------------ streaming serialization
+# protobuf writes a message's fields in field-number order, each length-delimited field as
+# tag, length, bytes. So a model whose initializers are external data can be written with them
+# inline, byte for byte as SerializeToString() would, copying each tensor from the data file.
+
+_CHUNK = 1 << 24
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _key(number: int, length: int) -> bytes:
+    """Tag and length of length-delimited field ``number``."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _split(message, number: int) -> tuple[bytes, bytes]:
+    """The serialized fields of ``message`` numbered below ``number``, and those above it."""
+    parts = []
+    for keep in (lambda n: n < number, lambda n: n > number):
+        part = type(message)()
+        part.CopyFrom(message)
+        for field, _ in message.ListFields():
+            if not keep(field.number):
+                part.ClearField(field.name)
+        parts.append(part.SerializeToString())
+    return parts[0], parts[1]
+
+
+def _tensor_parts(tensor: onnx.TensorProto) -> tuple[bytes, int, int]:
+    """(serialized fields before raw_data, data offset, data length) of an external tensor;
+    an inline one is (its bytes, 0, 0)."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return tensor.SerializeToString(), 0, 0
+    where = {e.key: e.value for e in tensor.external_data}
+    head = TensorProto()
+    head.CopyFrom(tensor)
+    head.ClearField("external_data")
+    head.ClearField("data_location")
+    # dims, data_type and name come before raw_data (9); nothing this module sets comes after.
+    return head.SerializeToString(), int(where["offset"]), int(where["length"])
+
+
+def _write_inline(model: onnx.ModelProto, tensors: BinaryIO, out: BinaryIO) -> None:
+    """Write ``model`` with its external initializers inline, reading them from ``tensors``."""
+    inits = [_tensor_parts(t) for t in model.graph.initializer]
+    sizes = [len(h) + (len(_key(9, n)) + n if n else 0) for h, _, n in inits]
+    graph_head, graph_tail = _split(model.graph, 5)
+    graph_size = len(graph_head) + sum(len(_key(5, s)) + s for s in sizes) + len(graph_tail)
+    model_head, model_tail = _split(model, 7)
+    out.write(model_head + _key(7, graph_size) + graph_head)
+    for (head, offset, length), size in zip(inits, sizes, strict=True):
+        out.write(_key(5, size) + head)
+        if length:
+            out.write(_key(9, length))
+            tensors.seek(offset)
+            for start in range(0, length, _CHUNK):
+                chunk = tensors.read(min(_CHUNK, length - start))
+                if not chunk:
+                    raise OSError(f"{tensors.name} ended before its tensors")
+                out.write(chunk)
+    out.write(graph_tail + model_tail)

@@ -1,12 +1,13 @@
 """slotpack.runtime: the torch-free side of slotpack (numpy, onnxruntime and the generator's numpy half).
 
-``rebuild(path)`` turns a ``.slot`` file into dense float32 arrays; ``session(path)`` gives an
+``rebuild(path)`` turns a ``.slot`` file into dense float32 arrays (``iter_arrays`` one at a time,
+``unpack`` streams them into a ``.npz``/``.safetensors`` file); ``session(path)`` gives an
 onnxruntime session for a ``.slot`` or ``.onnx`` file. A test imports this package with torch made
 unimportable.
 """
 
-from .arrays import save_arrays
-from .rebuild import rebuild
+from .arrays import save_arrays, unpack
+from .rebuild import iter_arrays, rebuild
 from .session import evaluate, predict, session
 
-__all__ = ["evaluate", "predict", "rebuild", "save_arrays", "session"]
+__all__ = ["evaluate", "iter_arrays", "predict", "rebuild", "save_arrays", "session", "unpack"]

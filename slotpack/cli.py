@@ -54,6 +54,10 @@ class _Group(click.Group):
         except OSError as exc:  # disk full, permission denied, ...: the user's to fix
             where = f"{exc.filename}: " if exc.filename else ""
             raise _OneLineError(f"{where}{exc.strerror or _first_line(exc)}") from None
+        except MemoryError:  # what our code builds is named by OutOfMemoryError; this is the rest
+            raise _OneLineError(
+                f"out of memory running `slotpack {ctx.invoked_subcommand}`"
+            ) from None
         except KeyboardInterrupt:
             _Bars.close_all()
             click.echo("interrupted", err=True)
@@ -379,13 +383,18 @@ def _eval_ort(
     from . import data
     from .errors import ConfigError
     from .runtime import evaluate, session
+    from .runtime.session import input_normalisation, recorded_dataset, signature
 
     sess = session(target)
-    if dataset is None:
-        recorded = json.loads(sess.get_modelmeta().custom_metadata_map.get("metadata") or "{}")
-        dataset = recorded.get("dataset")
+    try:  # a foreign model's interface, before any data is loaded
+        signature(sess)
+        input_normalisation(sess)
         if dataset is None:
-            raise ConfigError(f"{target} does not record its data set; pass --dataset")
+            dataset = recorded_dataset(sess)
+    except SlotpackError as exc:
+        raise type(exc)(f"{target}: {exc}") from None
+    if dataset is None:
+        raise ConfigError(f"{target} does not record its data set; pass --dataset")
     test = data.load(dataset, root, split, "cpu", limit=limit)
     x, y = test.x.numpy(), test.y.numpy()
     with tqdm(
@@ -416,10 +425,12 @@ def _eval_ort(
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def export_cmd(path: Path, output: Path, self_decoding: bool, force: bool) -> None:
     """Export a .slot file to ONNX (dense float32 weights, or --self-decoding)."""
-    from .converters.onnx import export_file
+    from .converters.onnx import data_path, export_file
 
     size, slot_size = export_file(path, output, self_decoding=self_decoding, force=force)
     kind = "self-decoding" if self_decoding else "dense float32"
+    if size != output.stat().st_size:  # over protobuf's 2 GiB: the tensors are external data
+        kind += f", tensors in {data_path(output).name}"
     line = f"{output}: {size:,} bytes ({kind}), {size / slot_size:.3f}x the .slot file"
     if self_decoding:  # the graph needs random access, so delta-coded indices are expanded
         from . import format as F
@@ -550,12 +561,13 @@ def inspect_cmd(path: Path, as_json: bool, verify: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def unpack_cmd(path: Path, output: Path, force: bool) -> None:
     """Rebuild the dense float32 weights of a .slot file into .safetensors or .npz (no torch)."""
-    from .runtime import rebuild, save_arrays
+    import math
 
-    arrays = rebuild(path)
-    save_arrays(arrays, output, force=force)
-    total = sum(a.size for a in arrays.values())
-    click.echo(f"{output}: {len(arrays)} arrays, {total:,} float32 values")
+    from .runtime import unpack
+
+    shapes = unpack(path, output, force=force)  # streamed: one array in memory at a time
+    total = sum(math.prod(shape) for shape in shapes.values())
+    click.echo(f"{output}: {len(shapes)} arrays, {total:,} float32 values")
 
 
 @main.command("demo")

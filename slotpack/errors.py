@@ -27,3 +27,16 @@ class OutputExistsError(SlotpackError):
 
 class InUseError(SlotpackError):
     """A run folder is being written by another process (it holds the folder's lock)."""
+
+
+class OutOfMemoryError(SlotpackError):
+    """Memory ran out building what a valid input asks for; the message names what and how big."""
+
+
+def size_text(nbytes: int) -> str:
+    """A byte count for messages: ``"1.50 GiB"``, ``"12.0 MiB"``, ``"980 bytes"``."""
+    if nbytes >= 1 << 30:
+        return f"{nbytes / (1 << 30):.2f} GiB"
+    if nbytes >= 1 << 20:
+        return f"{nbytes / (1 << 20):.1f} MiB"
+    return f"{nbytes:,} bytes"

@@ -19,3 +19,13 @@ def cache_dir() -> Path:
 def mnist_root() -> Path:
     """A root folder holding real MNIST in torchvision's layout (fetched via `slotpack data`)."""
     return data.fetch("mnist", cache_dir())
+
+
+@pytest.fixture(scope="session")
+def big_slot_file(tmp_path_factory) -> Path:
+    """A valid K=2 file of 16.8M connections (2 MiB) whose dense form is 64 MiB of float32."""
+    from tests.helpers import big_slot
+
+    path = tmp_path_factory.mktemp("big") / "big.slot"
+    path.write_bytes(big_slot())
+    return path

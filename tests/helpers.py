@@ -28,3 +28,78 @@ def trained_like(model, seed: int = 0):
             if getattr(m, "bias", None) is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g))
     return model.eval()
+
+
+def big_slot(n: int = 2048, copies: int = 4, seed: int = 1) -> bytes:
+    """A valid K=2 ``.slot`` file whose dense form is large but cheap to make: ``copies`` square
+    Linear(n, n) layers and a Linear(n, 10) head on a [1, 1, n] input, random 1-bit indices
+    (n=2048, copies=4: 16 MiB of float32 per square layer, 64 MiB in all, from a 2 MiB file)."""
+    import numpy as np
+
+    from slotpack import arch as A
+    from slotpack import format as F
+
+    layers = (A.Flatten(), *[A.Linear(n, n) for _ in range(copies)], A.Linear(n, 10))
+    rng = np.random.default_rng(seed)
+    blobs = {}
+    for pos, layer in enumerate(layers[1:], start=1):
+        count = layer.in_features * layer.out_features
+        blobs[f"{pos}.indices"] = ("bits", (count,), rng.bytes(count // 8))
+    return F.encode(
+        layers=layers,
+        seed=seed,
+        k=2,
+        selection="greedy",
+        input_shape=(1, 1, n),
+        mean=(0.5,),
+        std=(0.25,),
+        num_classes=10,
+        blobs=blobs,
+        metadata={"dataset": "mnist"},
+    )
+
+
+# Runs the CLI under an address-space limit of (its size after importing everything it will
+# import) + argv[1] MiB, so the limit measures what the command allocates, not the interpreter.
+_CAPPED = """
+import resource, sys
+import numpy, onnx, zipfile
+import slotpack.cli, slotpack.converters.onnx, slotpack.runtime
+def size():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+limit = size() + int(sys.argv[1]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+slotpack.cli.main(sys.argv[2:], prog_name="slotpack")
+"""
+
+
+def run_capped(budget_mib: int, *args, cwd=None):
+    """``slotpack *args`` in a subprocess that may allocate only ``budget_mib`` MiB more than
+    its imports took (Linux: RLIMIT_AS and /proc). Returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", _CAPPED, str(budget_mib), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def one_line_failure(result, *needles: str) -> None:
+    """A subprocess CLI run failed with exit code 2 and one ``Error:`` line naming ``needles``."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

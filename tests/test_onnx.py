@@ -8,6 +8,7 @@ rebuild's bits.
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -22,16 +23,25 @@ import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from slotpack import __version__, data, models
+from slotpack import __version__, converters, data, models
 from slotpack import arch as A
 from slotpack import format as F
 from slotpack.cli import main
-from slotpack.converters.onnx import IR_VERSION, OPSET, export, export_file
+from slotpack.converters.onnx import (
+    IR_VERSION,
+    MAX_INLINE_BYTES,
+    OPSET,
+    data_path,
+    export,
+    export_file,
+    initializer_bytes,
+)
 from slotpack.errors import ConfigError, OutputExistsError
 from slotpack.pack import encode_selection, pack_checkpoint, pack_model, repack
 from slotpack.runtime import evaluate, predict, rebuild, session
 from slotpack.runtime.session import InputError, ModelFileError, input_normalisation, normalize
 from slotpack.train import TrainConfig, load_model, train
+from tests.helpers import big_slot, one_line_failure, run_capped
 from tests.helpers import one_line_error as _one_line_error
 from tests.helpers import trained_like as _trained_like
 
@@ -506,7 +516,7 @@ def test_cli_eval_matches_torch(run, lenet, mnist_root, tmp_path):
 def test_cli_errors_are_one_line(run, lenet, mnist_root, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(np.random.default_rng(0).bytes(1000))
-    _one_line_error(run("eval", bad, "--root", mnist_root), "onnxruntime cannot load", "bad.onnx")
+    _one_line_error(run("eval", bad, "--root", mnist_root), "cannot load", "bad.onnx")
 
     corrupt = bytearray(lenet.blob)
     corrupt[-5] ^= 0xFF  # a payload byte: the section's CRC no longer holds
@@ -532,3 +542,131 @@ def test_cli_errors_are_one_line(run, lenet, mnist_root, tmp_path):
     empty = tmp_path / "no-data"
     empty.mkdir()
     _one_line_error(run("eval", lenet.slot_path, "--root", empty), "slotpack data mnist")
+
+
+# ----------------------------------------------------------------------------- 7. large models
+
+
+def _arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_export_file_writes_the_bytes_of_the_in_memory_model(tmp_path):
+    """The file is streamed from a data file, but byte for byte what SerializeToString gives."""
+    for arch, k in ((CUSTOM, 5), (A.get("lenet300100"), 2), (A.get("conv2"), 8)):
+        blob = _random_file(arch, k, metadata={"dataset": arch.dataset})
+        (tmp_path / "m.slot").write_bytes(blob)
+        for self_decoding in (False, True):
+            out = tmp_path / f"{arch.name}-{self_decoding}.onnx"
+            size, _ = export_file(tmp_path / "m.slot", out, self_decoding=self_decoding)
+            model = export(F.decode(blob), self_decoding=self_decoding, source=blob)
+            assert out.read_bytes() == model.SerializeToString() and size == out.stat().st_size
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+def test_initializer_bytes_decides_external_data(tmp_path):
+    assert MAX_INLINE_BYTES + 64 * 2**20 == 2**31  # protobuf's limit, less room for the graph
+    for arch in (CUSTOM, A.get("lenet300100")):
+        blob = _random_file(arch, 5)
+        slot = F.decode(blob)
+        # dense: exactly the initializers' bytes; self-decoding: the packed bytes and a few
+        # small constants per layer (shifts, keys), which the 64 MiB allowance covers
+        dense = sum(a.nbytes for a in _arrays(export(slot)).values())
+        assert initializer_bytes(slot) == dense
+        packed = sum(a.nbytes for a in _arrays(export(slot, self_decoding=True)).values())
+        assert 0 <= packed - initializer_bytes(slot, self_decoding=True) < 4096 * len(slot.layers)
+        (tmp_path / "m.slot").write_bytes(blob)
+        n = initializer_bytes(slot)
+        export_file(tmp_path / "m.slot", tmp_path / "at.onnx", max_inline_bytes=n, force=True)
+        assert not data_path(tmp_path / "at.onnx").exists()
+        export_file(tmp_path / "m.slot", tmp_path / "over.onnx", max_inline_bytes=n - 1, force=True)
+        assert data_path(tmp_path / "over.onnx").exists()
+
+
+def test_a_model_over_protobufs_limit_is_refused_in_memory_in_one_line(tmp_path, run):
+    """A valid 66 MB file of 529M connections: 2 GiB of dense float32. Its size is known from
+    the manifest, so it is refused before anything is built; `export` would use external data."""
+    path = tmp_path / "huge.slot"
+    path.write_bytes(big_slot(n=23_000, copies=1))
+    slot = F.read(path)
+    assert initializer_bytes(slot) > MAX_INLINE_BYTES
+    with pytest.raises(ModelFileError, match="2 GiB.*slotpack export"):
+        session(path)
+    _one_line_error(run("eval", path, "--dataset", "mnist"), "huge.slot", "external data")
+
+
+def test_external_data_export(run, lenet, tmp_path, monkeypatch):
+    inline = tmp_path / "inline.onnx"
+    export_file(lenet.slot_path, inline)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    out, data = folder / "ext.onnx", folder / "ext.onnx.data"
+    size, _ = export_file(lenet.slot_path, out, max_inline_bytes=0)
+    assert sorted(os.listdir(folder)) == ["ext.onnx", "ext.onnx.data"]  # no temporaries
+    assert size == out.stat().st_size + data.stat().st_size and out.stat().st_size < 10_000
+    model = onnx.load(out, load_external_data=False)
+    weights = {n.input[1] for n in model.graph.node if n.op_type == "Gemm"}
+    for t in model.graph.initializer:
+        where = {e.key: e.value for e in t.external_data}
+        if t.name in weights:
+            assert t.data_location == TensorProto.EXTERNAL and where["location"] == "ext.onnx.data"
+            assert int(where["offset"]) % 4096 == 0
+    onnx.checker.check_model(str(out), full_check=True)
+    want = _arrays(onnx.load(inline))
+    got = _arrays(onnx.load(out))  # onnx's loader reads the data file beside the model
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # external data resolves next to the model, not here
+    x = lenet.xn[:50]
+    assert np.array_equal(predict(session(out), x), predict(session(inline), x))
+    # neither file is replaced without force, and a refusal leaves both as they were
+    before = out.read_bytes(), data.read_bytes()
+    with pytest.raises(OutputExistsError, match="ext.onnx exists"):
+        export_file(lenet.slot_path, out, self_decoding=True, max_inline_bytes=0)
+    out.unlink()
+    with pytest.raises(OutputExistsError, match="ext.onnx.data exists"):
+        export_file(lenet.slot_path, out, self_decoding=True, max_inline_bytes=0)
+    assert not out.exists() and data.read_bytes() == before[1]
+    export_file(lenet.slot_path, out, max_inline_bytes=0, force=True)
+    assert (out.read_bytes(), data.read_bytes()) == before  # deterministic
+    selfdec = folder / "self.onnx"
+    export_file(lenet.slot_path, selfdec, self_decoding=True, max_inline_bytes=0)
+    assert data_path(selfdec).exists()
+    assert np.array_equal(predict(session(selfdec), x), predict(session(inline), x))
+    # the command says where the tensors went
+    monkeypatch.setattr(converters.onnx, "MAX_INLINE_BYTES", 0)
+    r = run("export", lenet.slot_path, "-o", folder / "cli.onnx")
+    assert r.exit_code == 0 and "(dense float32, tensors in cli.onnx.data)" in r.output, r.output
+    assert sorted(os.listdir(folder)) == [
+        "cli.onnx",
+        "cli.onnx.data",
+        "ext.onnx",
+        "ext.onnx.data",
+        "self.onnx",
+        "self.onnx.data",
+    ]
+
+
+LINUX = pytest.mark.skipif(sys.platform != "linux", reason="needs RLIMIT_AS and /proc")
+
+
+@LINUX
+@pytest.mark.slow
+def test_export_streams_a_model_larger_than_its_memory(big_slot_file, tmp_path):
+    """A 64 MiB dense graph exports with 48 MiB to spare: one layer in memory at a time."""
+    out = tmp_path / "big.onnx"
+    r = run_capped(48, "export", big_slot_file, "-o", out)
+    assert r.returncode == 0, r.stderr
+    slot = F.read(big_slot_file)
+    assert out.stat().st_size > 64 * 2**20
+    assert out.read_bytes() == export(slot, source=slot.payload.obj).SerializeToString()
+
+
+@LINUX
+def test_export_out_of_memory_is_one_line(big_slot_file, tmp_path):
+    r = run_capped(10, "export", big_slot_file, "-o", tmp_path / "big.onnx")
+    one_line_failure(
+        r, "out of memory building layer 1 (linear, 4,194,304 weights, 16.0 MiB as float32)"
+    )
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary file

@@ -1,20 +1,28 @@
 """The torch-free runtime: rebuild and unpack run with torch made unimportable."""
 
+import io
 import json
+import math
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file
+from safetensors import safe_open
+from safetensors.numpy import load_file, save
 
 from slotpack import format as F
 from slotpack import models
 from slotpack.errors import ConfigError, OutputExistsError
 from slotpack.pack import pack_model
-from slotpack.runtime import rebuild, save_arrays
+from slotpack.runtime import iter_arrays, rebuild, save_arrays, unpack
+from slotpack.runtime.rebuild import layout
+from tests.helpers import one_line_failure, run_capped
+
+LINUX = pytest.mark.skipif(sys.platform != "linux", reason="needs RLIMIT_AS and /proc")
 
 NO_TORCH = "import sys; sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
 
@@ -131,3 +139,58 @@ def test_source_checkout_imports_without_installation(tmp_path):
         str(root / "runtime" / "__init__.py"),
         str(root / "converters" / "onnx.py"),
     ]
+
+
+# ----------------------------------------------------------------------------- large files
+
+
+def test_unpack_writes_what_the_libraries_write(conv6_file, tmp_path):
+    """Streaming changes how the files are written, not what is in them."""
+    path, expected = conv6_file
+    arrays = rebuild(path)
+    assert layout(path) == {name: a.shape for name, a in arrays.items()}  # layer order
+    names = [name for name, _ in iter_arrays(path)]
+    assert names == list(arrays) and names[:2] == ["0.weight", "2.weight"]
+    st = tmp_path / "w.safetensors"
+    assert unpack(path, st) == layout(path)
+    assert st.read_bytes() == save(arrays)
+    npz = tmp_path / "w.npz"
+    unpack(path, npz)
+    reference = io.BytesIO()
+    np.savez(reference, **arrays)
+    with zipfile.ZipFile(npz) as ours, zipfile.ZipFile(reference) as theirs:
+        assert ours.namelist() == theirs.namelist()
+        assert all(ours.read(n) == theirs.read(n) for n in ours.namelist())
+    with pytest.raises(OutputExistsError):
+        unpack(path, npz)
+    with pytest.raises(ConfigError, match=".safetensors or .npz"):
+        unpack(path, tmp_path / "w.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npz", "w.safetensors"]
+
+
+@LINUX
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_unpack_streams_a_model_larger_than_its_memory(big_slot_file, tmp_path, suffix):
+    """64 MiB of dense arrays unpack with 48 MiB to spare: one array in memory at a time."""
+    dense = 4 * sum(math.prod(s) for s in layout(big_slot_file).values())
+    assert dense > 64 * 2**20 > 48 * 2**20
+    out = tmp_path / f"big{suffix}"
+    r = run_capped(48, "unpack", big_slot_file, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "5 arrays, 16,797,696 float32 values" in r.stdout
+    if suffix == ".npz":
+        got = np.load(out)
+        read = got.__getitem__
+    else:
+        got = safe_open(out, "np")
+        read = got.get_tensor
+    for name, want in iter_arrays(big_slot_file):
+        assert np.array_equal(read(name), want), name
+
+
+@LINUX
+def test_unpack_out_of_memory_is_one_line(big_slot_file, tmp_path):
+    r = run_capped(10, "unpack", big_slot_file, "-o", tmp_path / "big.npz")
+    one_line_failure(r, "out of memory rebuilding 1.weight (4,194,304 float32 values, 16.0 MiB)")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary file
