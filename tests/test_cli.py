@@ -236,7 +236,10 @@ def test_pack_refuses_to_overwrite_and_bad_files(run, lenet_run, mnist_root, tmp
     (tmp_path / "flipped.slot").write_bytes(bytes(flipped))
     assert run("inspect", tmp_path / "flipped.slot").exit_code == 0  # table only reads the manifest
     broken = bytearray(before)  # a delta stream that no longer parses: refused even unverified
-    broken[-5] ^= 0xFF
+    last = F.decode(before).sections["5.indices"]
+    assert last.encoding == "delta" and last.length
+    start = len(before) - F.decode(before).payload.nbytes + last.offset
+    broken[start : start + last.length] = b"\xff" * last.length  # a unary code that never ends
     (tmp_path / "broken.slot").write_bytes(bytes(broken))
     _one_line_error(run("inspect", tmp_path / "broken.slot"), "broken.slot", "section 5.indices")
     _one_line_error(run("inspect", tmp_path / "flipped.slot", "--verify"), "CRC-32")

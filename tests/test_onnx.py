@@ -670,3 +670,34 @@ def test_export_out_of_memory_is_one_line(big_slot_file, tmp_path):
         r, "out of memory building layer 1 (linear, 4,194,304 weights, 16.0 MiB as float32)"
     )
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary file
+
+
+def test_every_version_and_encoding_exports_to_the_same_logits():
+    """A version 1 file, its version 2 re-encodings (delta, bits) and a trained-like model with
+    per-layer K export (dense and self-decoding) to graphs with bit-identical logits."""
+    model = _trained_like(models.Net(CUSTOM, "slot", (5, 3, 8, 4), "greedy", 21), seed=3)
+    v2, _ = pack_model(model, mean=CUSTOM_MEAN, std=CUSTOM_STD)
+    slot2 = F.decode(v2)
+    assert slot2.ks == (5, 3, 8, 4) and "delta" in {s.encoding for s in slot2.sections.values()}
+    x = _synthetic(CUSTOM.input_shape, 6)
+    want = model.eval()(torch.from_numpy(x)).detach().numpy()
+    for blob in (v2, repack(slot2, index_encoding="bits")):
+        for self_decoding in (False, True):
+            got = predict(_sess(export(F.decode(blob), self_decoding=self_decoding)), x)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    old = repack(F.decode(_random_file(CUSTOM, 6)), index_encoding="bits")
+    one = encode_selection(  # the same network as a version 1 file
+        CUSTOM, seed=F.decode(old).seed, k=6, selection="greedy",
+        indices=[F.decode(old).indices(w.section) for w in F.decode(old).weights],
+        tensors={n: F.decode(old).tensor(n) for r in F.decode(old).tensors for role, n in r.items()
+                 if role != "indices"},
+        mean=CUSTOM_MEAN, std=CUSTOM_STD, version=1,
+    )  # fmt: skip
+    assert F.decode(one).version == 1
+    logits = [
+        predict(_sess(export(F.decode(b), self_decoding=s)), x)
+        for b in (one, repack(F.decode(one)), old)
+        for s in (False, True)
+    ]
+    for other in logits[1:]:
+        assert np.array_equal(other, logits[0])
