@@ -247,7 +247,19 @@ def reference_np(
     24-bit integers (probabilistic models).
     """
     out = np.empty(n, dtype=np.uint16)
-    step = max(1, NP_BLOCK // (1 if rule == "onedraw" else k))
+    if rule == "onedraw":  # contiguous pairs: each output's halves, high first, interleaved
+        key, mask, k64 = reference_key(seed, layer), np.uint64(0xFFFFFFFF), np.uint64(k)
+        for a in range(0, n, 2 * NP_BLOCK):
+            b = min(n, a + 2 * NP_BLOCK)
+            z = _splitmix(np.arange(a // 2, (b + 1) // 2, dtype=np.uint64), key, _NP)
+            halves = np.empty(2 * z.size, dtype=np.uint64)
+            halves[0::2] = z >> np.uint64(32)
+            halves[1::2] = z & mask
+            halves *= k64
+            halves >>= np.uint64(32)
+            out[a:b] = halves[: b - a]
+        return out
+    step = max(1, NP_BLOCK // k)
     for a in range(0, n, step):
         b = min(n, a + step)
         out[a:b] = _reference_at(seed, layer, np.arange(a, b), k, bound, rule)
