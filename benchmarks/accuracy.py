@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="first N training examples only")
     p.add_argument("--score-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--rate", type=float, default=0.0, help="rate-aware margin (train --rate)")
+    p.add_argument(
+        "--layer-k", default=None, help="one K per weighted layer, e.g. 2,8,8 (train --k 2,8,8)"
+    )
     p.add_argument("--init", default="onedraw", choices=["onedraw", "uniform"])
     p.add_argument("--root", type=Path, default=None)
     p.add_argument("--runs", type=Path, default=Path("runs/bench"))
@@ -210,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
                 score_dtype=args.score_dtype,
                 rate=args.rate,
                 init=args.init if args.method == "slot" else "uniform",
+                layer_k=tuple(int(v) for v in args.layer_k.split(",")) if args.layer_k else None,
             )
             label = "learned" if args.method == "learned" else f"k{k}-{args.selection}"
+            if args.layer_k and args.method == "slot":
+                label = f"k{args.layer_k.replace(',', '-')}-{args.selection}"
             if args.score_dtype != "float32":
                 label += f"-{args.score_dtype}"
             if args.method == "slot" and args.init != "uniform":
