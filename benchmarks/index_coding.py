@@ -222,7 +222,7 @@ def section(accuracy: list[dict], index_stats: list[dict], rebuild: list[dict]) 
     from benchmarks.plots import LENET_ANCHORS, frontier_points
 
     lines = ["## Index coding: storing only what training changed", ""]
-    rows = frontier_points(accuracy)
+    rows = frontier_points(accuracy, index_stats)
     if rows:
         lines += [
             "Lenet-300-100 on MNIST (10,000 test images, onnxruntime), whole-file bits per "

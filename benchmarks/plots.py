@@ -139,10 +139,20 @@ def accuracy_vs_bits(records: list[dict[str, Any]], folder: Path) -> list[Path]:
     return written
 
 
-def frontier_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def frontier_points(
+    records: list[dict[str, Any]], index_stats: list[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
     """Lenet-300-100 slot runs as (label, bits, acc, seed, kind) rows: kind "plain" for the
-    fixed-width file, "delta" for the smallest encoding (records from format version 2 on)."""
+    fixed-width file, "delta" for the smallest encoding (records from format version 2 on, and
+    networks trained before it, re-packed: ``index_stats`` records)."""
     rows = []
+    for r in index_stats:
+        cfg = r["config"]
+        if cfg["model"] != "lenet300100" or r.get("test_acc") is None:
+            continue
+        label = f"K={cfg['k']}, {cfg['epochs']} ep, re-packed ({cfg.get('init', 'uniform')} init)"
+        rows.append(dict(label=label, bits=r["bits_per_connection"], acc=r["test_acc"],
+                         seed=cfg["seed"], kind="delta", rate=cfg.get("rate", 0.0)))  # fmt: skip
     for r in records:
         cfg, dep = r["config"], r.get("deployed") or {}
         if cfg["model"] != "lenet300100" or cfg["method"] != "slot" or "slot" not in dep:
@@ -163,13 +173,15 @@ def frontier_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def frontier(records: list[dict[str, Any]], folder: Path) -> list[Path]:
+def frontier(
+    records: list[dict[str, Any]], folder: Path, index_stats: list[dict[str, Any]] = ()
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = frontier_points(records)
+    rows = frontier_points(records, index_stats)
     if not rows:
         return []
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
@@ -189,7 +201,7 @@ def frontier(records: list[dict[str, Any]], folder: Path) -> list[Path]:
     ax.set_ylabel("MNIST test accuracy, onnxruntime (%)")
     ax.set_title("Lenet-300-100: accuracy against size (CPU runs)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower left")
     path = folder / "frontier_lenet300100.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -400,11 +400,11 @@ def render(folder: Path = RESULTS) -> str:
     lines += kernel_section(by_kind.get("kernel_speed", []))
     lines += ddp_section(by_kind.get("ddp", []))
     lines += prng_section(by_kind.get("prng", []))
-    lines += plots_section(by_kind.get("accuracy", []))
+    lines += plots_section(by_kind.get("accuracy", []), by_kind.get("index_stats", []))
     return "\n".join(lines)
 
 
-def plots_section(records: list[dict[str, Any]]) -> list[str]:
+def plots_section(records: list[dict[str, Any]], index_stats: list[dict[str, Any]]) -> list[str]:
     """Write the PNG plots next to RESULTS.md and link them; say so if matplotlib is missing."""
     try:
         from benchmarks import plots
@@ -415,7 +415,7 @@ def plots_section(records: list[dict[str, Any]]) -> list[str]:
     try:
         paths = (
             plots.accuracy_vs_bits(records, folder)
-            + plots.frontier(records, folder)
+            + plots.frontier(records, folder, index_stats)
             + plots.curves(records, folder)
         )
     except ImportError:
