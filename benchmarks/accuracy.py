@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="first N training examples only")
     p.add_argument("--score-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--rate", type=float, default=0.0, help="rate-aware margin (train --rate)")
+    p.add_argument("--layer-rate", default=None, help="one margin per weighted layer, e.g. 0.5,0,0")
     p.add_argument(
         "--layer-k", default=None, help="one K per weighted layer, e.g. 2,8,8 (train --k 2,8,8)"
     )
@@ -214,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                 rate=args.rate,
                 init=args.init if args.method == "slot" else "uniform",
                 layer_k=tuple(int(v) for v in args.layer_k.split(",")) if args.layer_k else None,
+                layer_rate=(
+                    tuple(float(v) for v in args.layer_rate.split(",")) if args.layer_rate else None
+                ),
             )
             label = "learned" if args.method == "learned" else f"k{k}-{args.selection}"
             if args.layer_k and args.method == "slot":
@@ -224,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                 label += f"-{args.init}"
             if args.rate:
                 label += f"-rate{args.rate:g}"
+            if args.layer_rate:
+                label += f"-rate{args.layer_rate.replace(',', '-')}"
             name = f"accuracy_{args.model}_{label}_e{args.epochs}_s{seed}{args.tag}"
             out = args.runs / name
             record(name, cfg, out, root, args.device)

@@ -54,6 +54,8 @@ def _points(records: list[dict[str, Any]], model: str):
             continue
         if cfg.get("score_dtype", "float32") != "float32" or cfg.get("rate") or cfg.get("layer_k"):
             continue  # rate-aware and per-layer-K runs are drawn on the frontier plot
+        if cfg.get("layer_rate"):
+            continue  # rate-aware and per-layer-K runs are drawn on the frontier plot
         conns = r.get("connections")
         acc = dep["onnx"]["ort_test_acc"]
         regime = _regime(r)
@@ -161,7 +163,10 @@ def frontier_points(
             continue
         ks = cfg.get("layer_k") or cfg["k"]
         ks = ",".join(map(str, ks)) if isinstance(ks, list) else str(ks)
-        tag = f"K={ks}" + (f", rate {cfg['rate']:g}" if cfg.get("rate") else "")
+        rate = cfg.get("layer_rate") or cfg.get("rate")
+        rate = ",".join(f"{r:g}" for r in rate) if isinstance(rate, list) else rate
+        tag = f"K={ks}" + (f", rate {rate:g}" if isinstance(rate, float) and rate else "")
+        tag += f", rate {rate}" if isinstance(rate, str) else ""
         tag += f", {cfg['epochs']} ep" + (", cosine" if cfg.get("schedule") == "cosine" else "")
         acc, index = dep["slot"]["ort_test_acc"], dep["slot"].get("index")
         plain = index["bits_bytes"] if index else dep["slot"]["bytes"]

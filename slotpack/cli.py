@@ -114,6 +114,18 @@ def _ks(value: str) -> tuple[int, ...]:
     return ks
 
 
+def _rates(value: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(v) for v in str(value).split(","))
+    except ValueError:
+        rates = ()
+    if not rates or not all(r >= 0 and r < float("inf") for r in rates):
+        raise click.BadParameter(
+            f"not a number >= 0 or a comma-separated list of them: {value!r}", param_hint="--rate"
+        )
+    return rates
+
+
 def _root(root: Path | None) -> Path:
     from .data import default_root
 
@@ -158,11 +170,12 @@ def data_cmd(name: str, root: Path | None) -> None:
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True)
 @click.option(
     "--rate",
-    type=click.FloatRange(0, 1e6),
-    default=0.0,
+    default="0",
     show_default=True,
+    callback=lambda ctx, param, value: _rates(value),
     help="Rate-aware training: leaving a connection's initial slot costs this margin (in units "
-    "of the layer's bound), so fewer connections change and the .slot file is smaller.",
+    "of the layer's bound), so fewer connections change and the .slot file is smaller. One "
+    "value, or one per weighted layer (for example 0.5,0,0).",
 )
 @click.option(
     "--init",
@@ -256,6 +269,8 @@ def train_cmd(
             ) from None
     ks = options.pop("k")
     options["k"], options["layer_k"] = max(ks), (ks if len(ks) > 1 else None)
+    rates = options.pop("rate")
+    options["rate"], options["layer_rate"] = max(rates), (rates if len(rates) > 1 else None)
     cfg = TrainConfig(**options)
     distributed = distributed or launched()
     result = train(

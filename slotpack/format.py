@@ -201,7 +201,6 @@ class SlotFile:
         """The reference slot of every connection of ``w`` (§1.8)."""
         return prng.reference_np(self.seed, w.number, w.count, w.k, w.bound, w.reference)
 
-
     def indices(self, name: str) -> np.ndarray:
         """The stored indices of a section (uint16), whatever its encoding."""
         s, w = self.sections[name], self.weights_of(name)
@@ -419,8 +418,10 @@ def decode(data: bytes | memoryview | mmap.mmap, *, verify: bool = True) -> Slot
         raise LayoutError("padding after the manifest is not zero")
     manifest = _parse_json(bytes(text))
     if canonical_json(manifest) != bytes(text):
-        raise ManifestError("manifest is not in canonical form (§2.2: sorted keys, no spaces, "
-                            "ASCII escapes, shortest numbers)")
+        raise ManifestError(
+            "manifest is not in canonical form (§2.2: sorted keys, no spaces, "
+            "ASCII escapes, shortest numbers)"
+        )
     payload = view[start:]
     layers, tensors, sections, weights = _validate(manifest, version, p_len)
     streams = _check_payload(payload, sections, weights, verify)
@@ -451,8 +452,10 @@ def _parse_json(text: bytes) -> dict[str, Any]:
         try:
             return int(literal)
         except ValueError:  # an interpreter whose own limit is set below the format's
-            raise ManifestError(f"manifest integer of {len(literal)} digits exceeds this "
-                                "interpreter's limit (PYTHONINTMAXSTRDIGITS)") from None
+            raise ManifestError(
+                f"manifest integer of {len(literal)} digits exceeds this "
+                "interpreter's limit (PYTHONINTMAXSTRDIGITS)"
+            ) from None
 
     try:
         doc = json.loads(
@@ -563,7 +566,9 @@ def _validate(m: dict[str, Any], version: int, payload_length: int):
     if m["format"] != "slotpack":
         raise ManifestError(f"manifest format is {m['format']!r}, not 'slotpack'")
     if type(m["version"]) is not int or m["version"] != version:  # not true, not 1.0
-        raise ManifestError(f"manifest version {m['version']!r} does not match the header's {version}")
+        raise ManifestError(
+            f"manifest version {m['version']!r} does not match the header's {version}"
+        )
     gen = _keys(m["generator"], {"id", "seed"}, "generator")
     if gen["id"] != GENERATOR_ID:
         raise ManifestError(
@@ -774,7 +779,13 @@ def _check_bits(body: memoryview, s: Section, k: int) -> None:
 def _check_delta(body: memoryview, s: Section, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The streams parse to exactly the declared changes and ranks (no generator needed)."""
     try:
-        return D.check(body, count=s.count, k=k, changes=s.changes, gap_param=s.gap_param,
-                       rank_param=s.rank_param)
+        return D.check(
+            body,
+            count=s.count,
+            k=k,
+            changes=s.changes,
+            gap_param=s.gap_param,
+            rank_param=s.rank_param,
+        )
     except D.DeltaError as exc:
         raise LayoutError(f"section {s.name}: {exc}") from None

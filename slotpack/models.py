@@ -118,17 +118,29 @@ class Net(nn.Sequential):
         lean: bool = False,
         score_dtype: str = "float32",
         init: str = "onedraw",
-        stick: float = 0.0,
+        stick: float | tuple[float, ...] = 0.0,
     ):
         modules: list[nn.Module] = []
         index = 0
         ks = layer_ks(arch, k)
+        sticks = (stick,) * len(ks) if isinstance(stick, int | float) else tuple(stick)
+        if len(sticks) != len(ks):
+            raise ConfigError(f"{arch.name} has {len(ks)} weighted layers; got {len(sticks)} rates")
         for layer in arch.layers:
             if isinstance(layer, A.WEIGHTED):
                 modules.append(
                     _weighted_module(
-                        layer, index, method, ks[index], selection, seed, device, lean,
-                        score_dtype, init, stick,
+                        layer,
+                        index,
+                        method,
+                        ks[index],
+                        selection,
+                        seed,
+                        device,
+                        lean,
+                        score_dtype,
+                        init,
+                        sticks[index],
                     )
                 )
                 index += 1
@@ -165,7 +177,7 @@ def create(
     lean: bool = False,
     score_dtype: str = "float32",
     init: str = "onedraw",
-    stick: float = 0.0,
+    stick: float | tuple[float, ...] = 0.0,
 ) -> Net:
     """Build zoo model ``name`` as a slot network (2 <= K <= 65536) or its dense ``learned`` twin.
 
@@ -173,8 +185,8 @@ def create(
     ``score_dtype`` ("float32" or "bfloat16") is the dtype of the slot layers' scores; ``init``
     how initial scores are drawn ("onedraw": the argmax slot first, so a reader regenerates it
     from one value; "uniform": K independent draws, runs before format version 2);
-    ``stick`` the rate-aware margin (in layer bounds) of the initial argmax slot. ``k`` may list
-    one K per weighted layer."""
+    ``stick`` the rate-aware margin (in layer bounds) of the initial argmax slot. ``k`` and
+    ``stick`` may list one value per weighted layer."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     if selection not in SELECTIONS:

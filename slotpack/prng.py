@@ -237,9 +237,7 @@ def _reference_at(
     return grid.argmax(1)
 
 
-def reference_np(
-    seed: int, layer: int, n: int, k: int, bound: float, rule: str
-) -> np.ndarray:
+def reference_np(seed: int, layer: int, n: int, k: int, bound: float, rule: str) -> np.ndarray:
     """The reference slot (uint16) of connections 0..n-1 under ``rule`` (§1.8).
 
     "argmax": the first maximum of the "uniform" initial scores (K draws per connection);

@@ -106,6 +106,7 @@ class TrainConfig:
     init: str = "onedraw"  # initial scores: "onedraw" or "uniform" (runs before format 2)
     layer_k: tuple[int, ...] | None = None  # one K per weighted layer (overrides k)
     rate: float = 0.0  # rate-aware margin of the reference slot, in layer bounds (0: none)
+    layer_rate: tuple[float, ...] | None = None  # one margin per weighted layer (overrides rate)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -142,9 +143,16 @@ class TrainConfig:
         score_torch_dtype(self.score_dtype)
         if self.init not in prng.INITS:
             raise ConfigError(f"unknown init {self.init!r}; choose one of: {', '.join(prng.INITS)}")
-        if not (self.rate >= 0 and math.isfinite(self.rate)):
-            raise ConfigError(f"--rate must be a finite number >= 0, got {self.rate}")
-        if self.rate and (self.method != "slot" or self.selection != "greedy"):
+        rates = (self.rate, *(self.layer_rate or ()))
+        if not all(r >= 0 and math.isfinite(r) for r in rates):
+            raise ConfigError(
+                f"--rate must be finite numbers >= 0, got {self.layer_rate or self.rate}"
+            )
+        if self.layer_rate is not None and len(self.layer_rate) != len(self.ks):
+            raise ConfigError(
+                f"{self.model} has {len(self.ks)} weighted layers; got {len(self.layer_rate)} rates"
+            )
+        if any(rates) and (self.method != "slot" or self.selection != "greedy"):
             raise ConfigError("--rate applies to greedy slot models")
         if self.method != "slot" and self.score_dtype != "float32":
             raise ConfigError("--score-dtype applies to slot models; learned models have no scores")
@@ -410,7 +418,7 @@ def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> models.
         lean=cfg.lean,
         score_dtype=cfg.score_dtype,
         init=cfg.init,
-        stick=cfg.rate,
+        stick=cfg.layer_rate or cfg.rate,
     )
 
 

@@ -39,8 +39,10 @@ def golden_indices() -> list[np.ndarray]:
     """Reference slots with a few connections moved to chosen ranks of their reference order."""
     out = []
     for number, (layer, k, rule, moves) in enumerate(
-        [(TINY.layers[0], 5, "onedraw", {2: 1, 3: 2, 11: 4}),
-         (TINY.layers[5], 3, "argmax", {0: 1, 7: 2, 8: 1, 23: 2})]  # fmt: skip
+        [
+            (TINY.layers[0], 5, "onedraw", {2: 1, 3: 2, 11: 4}),
+            (TINY.layers[5], 3, "argmax", {0: 1, 7: 2, 8: 1, 23: 2}),
+        ]  # fmt: skip
     ):
         n, bound = int(np.prod(layer.weight_shape)), prng.glorot_bound(*layer.fans)
         index = prng.reference_np(SEED, number, n, k, bound, rule).astype(np.int64)
@@ -122,6 +124,7 @@ def test_reference_rules_follow_their_definitions_in_plain_python():
 @pytest.mark.parametrize("k", [2, 3, 8, 64])
 def test_initial_scores_numpy_equals_torch_and_onedraw_argmax_is_the_reference(k):
     import torch
+
     n = (1 << 20) // k  # a million counters per stream
     bound = prng.glorot_bound(784, 300)
     for init in prng.INITS:
