@@ -35,14 +35,14 @@ MANTISSA_BITS = 24  # values lie on a 2**-24 grid of [0, 1), i.e. 2**-23 steps o
 SCORE_STREAM_SALT = 0x5C0E5C0E5C0E5C0E
 # The fixed draw that deploys a probabilistic model has its own stream too.
 DRAW_STREAM_SALT = 0xD2A3D2A3D2A3D2A3
-# The reference slot of the "onedraw" initialisation (docs/FORMAT.md §1.8): one output per
-# connection, so a reader regenerates the initial choice at the cost of one value.
+# The reference slot of the "onedraw" initialisation (docs/FORMAT.md §1.8): half an output per
+# connection, so a reader regenerates the initial choice for less than the cost of its values.
 REFERENCE_STREAM_SALT = 0x4EF0D4A74EF0D4A7
 # Training only: the maximum initial score of an "onedraw" connection.
 MAXIMUM_STREAM_SALT = 0x3A7C3A7C3A7C3A7C
 # How a layer's initial scores were drawn, and so how a reader finds the reference slot
 # (docs/FORMAT.md §1.7-1.8). "uniform": K independent scores, reference = their argmax (K values
-# per connection to regenerate); "onedraw": the argmax slot drawn first (one value per connection).
+# per connection to regenerate); "onedraw": the argmax slot drawn first (half an output each).
 INITS = ("uniform", "onedraw")
 # numpy halves work on blocks of this many counters: their uint64 temporaries (128 KiB each) stay
 # in L2, and small models keep the peak memory of a rebuild under twice their dense size.
