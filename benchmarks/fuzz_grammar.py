@@ -602,9 +602,16 @@ def m_delta_random(d: _Draft) -> str | None:
     count, k = s["shape"][0], _k_of(d, s["name"])
     s["encoding"] = "delta"
     if rng.random() < 0.6:
-        changes = _pick(rng, [0, 1, 2, int(rng.integers(1, count + 1)), count])
-        where = np.sort(rng.choice(count, changes, replace=False))
-        gap, rank = (int(rng.integers(0, 32)), int(rng.integers(0, 16))) if changes else (0, 0)
+        most = min(count, 4096)  # streams stay small when a layer declares 2^31 connections
+        changes = _pick(rng, [0, 1, 2, int(rng.integers(1, most + 1)), most])
+        where = (
+            np.unique(rng.integers(0, count, changes))
+            if count > 1 << 16
+            else np.sort(rng.choice(count, changes, replace=False))
+        )
+        changes = where.size
+        gap = int(rng.integers(max(0, count.bit_length() - 16), 32)) if changes else 0
+        rank = int(rng.integers(0, 16)) if changes else 0
         body = D.rice_encode(np.diff(where, prepend=-1) - 1, gap) if changes else b""
         if k > 2 and changes:
             body += D.rice_encode(rng.integers(0, k - 1, changes), rank)
