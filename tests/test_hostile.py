@@ -31,7 +31,7 @@ from slotpack import format as F
 from slotpack.cli import main
 from slotpack.pack import encode_selection
 from slotpack.runtime import rebuild
-from tests.helpers import one_line_error, one_line_failure, run_capped
+from tests.helpers import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 1515  # the suite's run of the generator; the benchmark record uses another
@@ -160,51 +160,136 @@ def test_item_1_many_keys_and_one_duplicate_are_refused_in_linear_time(tmp_path,
         rebuild(path)
 
 
-def test_item_3_a_sparse_6_gib_file_is_refused_without_reading_it(tmp_path):
-    path = tmp_path / "big.slot"
-    path.write_bytes(mnist_file([A.Flatten(), A.Linear(784, 10)]))
-    os.truncate(path, 6 << 30)
-    assert path.stat().st_blocks * 512 < 1 << 20  # sparse: no disk used
-    for args in (["inspect", "--verify", path], ["unpack", path, "-o", tmp_path / "a.npz"]):
-        result = run_capped(1024, *args)  # 1 GiB of address space beyond the imports
-        one_line_failure(result, "trailing bytes after the payload")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.slot"]
-
-
 def test_item_3_a_symlink_to_dev_zero_is_refused(tmp_path, mnist_root):
     path = tmp_path / "zero.slot"
     path.symlink_to("/dev/zero")
     refused_everywhere(path, tmp_path, mnist_root, "not a regular file")
 
 
-FIFO_SCRIPT = """
-import json, sys
+CAPPED_CLI = """
+import json, resource, sys, traceback
+import numpy, onnx, onnxruntime  # imported before the limit, as in tests.helpers.run_capped
+import slotpack.cli, slotpack.converters.onnx, slotpack.data, slotpack.runtime
 from click.testing import CliRunner
-from slotpack.cli import main
-print(json.dumps([
-    (r.exit_code, r.output)
-    for r in (CliRunner().invoke(main, args) for args in json.loads(sys.argv[1]))
-]))
+
+def size():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+
+limit = size() + int(sys.argv[1]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+out = []
+for args in json.loads(sys.argv[2]):
+    r = CliRunner().invoke(slotpack.cli.main, args)
+    text = r.output
+    if r.exit_code not in (0, 2) and r.exc_info:
+        text += "".join(traceback.format_exception(*r.exc_info))
+    out.append((r.exit_code, text))
+print(json.dumps(out))
 """
 
 
-def test_item_3_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path, mnist_root):
-    path = tmp_path / "f.slot"
-    os.mkfifo(path)
-    commands = [
-        ["inspect", "--verify", str(path)],
-        ["unpack", str(path), "-o", str(tmp_path / "a.npz")],
-        ["export", str(path), "-o", str(tmp_path / "a.onnx")],
-        ["eval", str(path), "--dataset", "mnist", "--limit", "50", "--root", str(mnist_root)],
+def reading_commands(path: Path, out: Path, mnist_root: Path) -> list[list]:
+    return [
+        ["inspect", "--verify", path],
+        ["unpack", path, "-o", out / "out.npz"],
+        ["export", path, "-o", out / "out.onnx"],
+        ["pack", path, "-o", out / "out.slot"],
+        ["eval", path, "--dataset", "mnist", "--limit", 300, "--root", mnist_root],
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def sparse_6_gib(path: Path) -> None:
+    path.write_bytes(mnist_file([A.Flatten(), A.Linear(784, 10)]))
+    os.truncate(path, 6 << 30)
+    assert path.stat().st_blocks * 512 < 1 << 20  # sparse: no disk used
+
+
+def declares_2_31_connections(path: Path) -> None:
+    """A valid file of a few hundred bytes (an empty delta section: nothing changed) whose one
+    layer has 2^31 connections."""
+    manifest, _ = parts(mnist_file([A.Flatten(), A.Linear(784, 10)], encoding="delta"))
+    manifest["input"]["shape"] = [1, 1, 1 << 26]
+    manifest["layers"][1].update(in_features=1 << 26, out_features=32)
+    manifest["num_classes"] = 32
+    manifest["sections"][0].update(shape=[1 << 31], length=0, crc32=0, changes=0)
+    path.write_bytes(assemble(canonical(manifest), b""))
+    assert path.stat().st_size < 1024 and F.read(path).weights[0].count == 1 << 31
+
+
+def too_wide_for_a_batch(path: Path) -> None:
+    """Padding 5,800 at dilation 2,900: 34M values per image, within the reader's bounds."""
+    layers = [A.Conv2d(1, 1, 3), A.AvgPool2d(26, 26), A.Flatten(), A.Linear(1, 10)]
+    manifest, payload = parts(mnist_file(layers))
+    side = 28 + 2 * 5800 - 2 * 2900
+    manifest["layers"][0].update(padding=5800, dilation=2900)
+    manifest["layers"][1].update(kernel_size=side, stride=side)
+    path.write_bytes(assemble(canonical(manifest), payload))
+
+
+CAPPED_FILES = {
+    "f.slot": lambda path: os.mkfifo(path),
+    "sparse.slot": sparse_6_gib,
+    "much.slot": declares_2_31_connections,
+    "wide.slot": too_wide_for_a_batch,
+}
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory, mnist_root) -> dict[str, tuple[list[SimpleNamespace], Path]]:
+    """Every reading command on each of CAPPED_FILES, all in one subprocess that may allocate
+    1 GiB beyond its imports (RLIMIT_AS): name -> (results, the file's folder afterwards).
+    A command that hangs fails the tests at the timeout instead of blocking the suite."""
+    commands, where = [], {}
+    for name, make in CAPPED_FILES.items():
+        folder = tmp_path_factory.mktemp(name.split(".")[0])
+        make(folder / name)
+        where[name] = (len(commands), folder)
+        commands += reading_commands(folder / name, folder, mnist_root)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = json.dumps([[str(a) for a in c] for c in commands])
     done = subprocess.run(
-        [sys.executable, "-c", FIFO_SCRIPT, json.dumps(commands)],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip  # a hang (open() waiting for a writer) fails here instead of blocking the suite
+        [sys.executable, "-c", CAPPED_CLI, "1024", args],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    for code, output in json.loads(done.stdout):
-        one_line_error(SimpleNamespace(exit_code=code, output=output), "not a regular file")
+    results = [SimpleNamespace(exit_code=c, output=o) for c, o in json.loads(done.stdout)]
+    return {name: (results[i : i + 5], folder) for name, (i, folder) in where.items()}
+
+
+def test_item_3_a_sparse_6_gib_file_is_refused_without_reading_it(capped):
+    results, folder = capped["sparse.slot"]
+    for result in results:
+        one_line_error(result, "trailing bytes after the payload")
+    assert sorted(p.name for p in folder.iterdir()) == ["sparse.slot"]
+
+
+def test_item_3_a_fifo_is_refused_without_waiting_for_a_writer(capped):
+    results, folder = capped["f.slot"]
+    for result in results:  # pack takes a non-file for a run folder or checkpoint
+        one_line_error(result, "f.slot")
+        assert "not a regular file" in result.output or "no checkpoint" in result.output
+    assert sorted(p.name for p in folder.iterdir()) == ["f.slot"]
+
+
+def test_a_small_file_declaring_2_31_connections_runs_out_of_memory_in_one_line(capped):
+    """What a reader spends is bounded by the declaration, not the file size: where memory runs
+    out, each command says so in one line and writes nothing."""
+    (inspected, *refused), folder = capped["much.slot"]
+    assert inspected.exit_code == 0, inspected.output
+    needles = ["out of memory rebuilding 1.weight", "out of memory building layer 1",
+               "out of memory re-encoding", "do not fit in one in-memory ONNX model"]  # fmt: skip
+    for result, needle in zip(refused, needles, strict=True):
+        one_line_error(result, needle)
+    assert sorted(p.name for p in folder.iterdir()) == ["much.slot"]
+
+
+def test_activations_within_the_bound_but_too_big_for_a_batch_are_one_line(capped):
+    """A batch of 256 of those images asks onnxruntime for hundreds of GiB: out of memory in
+    one line (its own error log silenced), not a traceback or a log dump."""
+    (*_, evaluated), _ = capped["wide.slot"]
+    one_line_error(evaluated, "out of memory running the model on a [256, 1, 28, 28] batch")
 
 
 def test_item_4_indices_at_least_k_are_refused_by_every_path(tmp_path, mnist_root):
