@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -200,7 +201,7 @@ def session(source: Path | str | bytes, *, self_decoding: bool = False, threads:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # errors only: folding notes are not the user's business
+    options.log_severity_level = 4  # fatal only: its errors come back as exceptions (one line)
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except MemoryError:
@@ -387,6 +388,12 @@ def _run(sess, sig: Signature, x: np.ndarray) -> np.ndarray:
             f"out of memory running the model on a {list(x.shape)} batch"
         ) from None
     except Exception as exc:  # onnxruntime's own types: the model cannot run on this input
+        asked = re.search(r"Failed to allocate memory for requested buffer of size (\d+)", str(exc))
+        if asked:  # its arena ran out: what a valid network's activations need, times the batch
+            raise OutOfMemoryError(
+                f"out of memory running the model on a {list(x.shape)} batch (onnxruntime "
+                f"asked for {size_text(int(asked.group(1)))}); try a smaller --batch-size"
+            ) from None
         raise ModelFileError(
             f"onnxruntime cannot run the model on a {list(x.shape)} batch: {_first(exc)}"
         ) from None

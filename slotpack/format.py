@@ -357,7 +357,9 @@ def read(path: Path | str, *, verify: bool = True) -> SlotFile:
     device) file is refused or read without allocating its size."""
     path = Path(path)
     try:
-        with open(path, "rb", buffering=0) as f:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb", buffering=0) as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise SlotFormatError(f"{path}: not a regular file")
@@ -502,16 +504,28 @@ def _keys(obj: Any, expected: set[str], where: str) -> dict[str, Any]:
     return obj
 
 
+def _shown(value: Any) -> str:
+    """A manifest value for an error message: one short line, however long the value."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _int(value: Any, where: str, lo: int = 1, hi: int = MAX_DIM) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ManifestError(f"{where} must be an integer in {lo}..{hi}, got {value!r}")
+        raise ManifestError(f"{where} must be an integer in {lo}..{hi}, got {_shown(value)}")
     return value
 
 
 def _float(value: Any, where: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ManifestError(f"{where} must be a finite number, got {value!r}")
-    return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            if math.isfinite(value):
+                return float(value)
+        except OverflowError:  # an integer literal that no double holds: infinity by another name
+            pass
+    raise ManifestError(f"{where} must be a finite number, got {_shown(value)}")
 
 
 def _parse_layer(entry: Any, pos: int, version: int) -> tuple[A.Layer, dict[str, str]]:
@@ -520,7 +534,7 @@ def _parse_layer(entry: Any, pos: int, version: int) -> tuple[A.Layer, dict[str,
     if not isinstance(op, str) or op not in A.LAYER_TYPES:  # a list op is unhashable
         op = entry.get("op") if isinstance(entry, dict) else entry
         raise ManifestError(
-            f"{where}: unknown op {op!r}; known: {', '.join(sorted(A.LAYER_TYPES))}"
+            f"{where}: unknown op {_shown(op)}; known: {', '.join(sorted(A.LAYER_TYPES))}"
         )
     cls = A.LAYER_TYPES[entry["op"]]
     names = {f.name: f.type for f in fields(cls)}
@@ -533,7 +547,7 @@ def _parse_layer(entry: Any, pos: int, version: int) -> tuple[A.Layer, dict[str,
         v, w = entry[name], f"{where} {name}"
         if kind == "bool":
             if not isinstance(v, bool):
-                raise ManifestError(f"{w} must be true or false, got {v!r}")
+                raise ManifestError(f"{w} must be true or false, got {_shown(v)}")
             values[name] = v
         elif kind == "float":
             values[name] = _float(v, w)
@@ -556,7 +570,7 @@ def _parse_layer(entry: Any, pos: int, version: int) -> tuple[A.Layer, dict[str,
         for role, name in tensors.items():
             if name != section_name(pos, role):
                 raise ManifestError(
-                    f"{where}: tensor {role} must be section {section_name(pos, role)!r}, got {name!r}"
+                    f"{where}: tensor {role} must be section {section_name(pos, role)!r}, got {_shown(name)}"
                 )
     return layer, tensors
 
@@ -564,18 +578,20 @@ def _parse_layer(entry: Any, pos: int, version: int) -> tuple[A.Layer, dict[str,
 def _validate(m: dict[str, Any], version: int, payload_length: int):
     _keys(m, MANIFEST_KEYS[version], "manifest")
     if m["format"] != "slotpack":
-        raise ManifestError(f"manifest format is {m['format']!r}, not 'slotpack'")
+        raise ManifestError(f"manifest format is {_shown(m['format'])}, not 'slotpack'")
     if type(m["version"]) is not int or m["version"] != version:  # not true, not 1.0
         raise ManifestError(
-            f"manifest version {m['version']!r} does not match the header's {version}"
+            f"manifest version {_shown(m['version'])} does not match the header's {version}"
         )
     gen = _keys(m["generator"], {"id", "seed"}, "generator")
     if gen["id"] != GENERATOR_ID:
         raise ManifestError(
-            f"generator {gen['id']!r} is not supported (this reader knows {GENERATOR_ID})"
+            f"generator {_shown(gen['id'])} is not supported (this reader knows {GENERATOR_ID})"
         )
     if not isinstance(gen["seed"], str) or not re.fullmatch(r"[0-9a-f]{16}", gen["seed"]):
-        raise ManifestError(f"generator seed must be 16 lowercase hex digits, got {gen['seed']!r}")
+        raise ManifestError(
+            f"generator seed must be 16 lowercase hex digits, got {_shown(gen['seed'])}"
+        )
     if version == 1:
         k = _int(m["k"], "k", 2, MAX_K)
         if _int(m["index_bits"], "index_bits", 1, B.MAX_BITS) != B.bits_for(k):
@@ -583,7 +599,9 @@ def _validate(m: dict[str, Any], version: int, payload_length: int):
                 f"index_bits {m['index_bits']} does not match K={k} (needs {B.bits_for(k)})"
             )
     if not isinstance(m["selection"], str) or m["selection"] not in SELECTIONS:
-        raise ManifestError(f"selection {m['selection']!r} is not one of {', '.join(SELECTIONS)}")
+        raise ManifestError(
+            f"selection {_shown(m['selection'])} is not one of {', '.join(SELECTIONS)}"
+        )
     inp = _keys(m["input"], {"shape", "mean", "std"}, "input")
     if not isinstance(inp["shape"], list) or len(inp["shape"]) != 3:
         raise ManifestError("input shape must be [C, H, W]")
@@ -633,7 +651,7 @@ def _weights(m: dict[str, Any], version: int, layers, tensors) -> tuple[Weights,
             rule = entry["reference"]
             if not isinstance(rule, str) or rule not in prng.REFERENCE_RULES:
                 raise ManifestError(
-                    f"layer {pos}: reference {rule!r} is not one of "
+                    f"layer {pos}: reference {_shown(rule)} is not one of "
                     f"{', '.join(prng.REFERENCE_RULES)}"
                 )
         out.append(Weights(pos, number, layer, k, rule, roles["indices"]))
@@ -656,10 +674,10 @@ def _validate_sections(
         _keys(entry, SECTION_KEYS | (DELTA_KEYS if is_delta else set()), where)
         name, encoding = entry["name"], entry["encoding"]
         if not isinstance(name, str) or name in sections:
-            raise ManifestError(f"{where}: name must be a unique string, got {name!r}")
+            raise ManifestError(f"{where}: name must be a unique string, got {_shown(name)}")
         if not isinstance(encoding, str) or encoding not in known:
             raise ManifestError(
-                f"{where} ({name}): encoding {encoding!r} is not one of {', '.join(known)}"
+                f"{where} ({name}): encoding {_shown(encoding)} is not one of {', '.join(known)}"
             )
         if encoding in ("bits", "delta") and name not in index_k:
             raise ManifestError(f"{where} ({name}): {encoding} section is no layer's indices")
@@ -720,7 +738,7 @@ def _check_references(layers, tensors, sections: dict[str, Section]) -> None:
     for pos, (layer, roles) in enumerate(zip(layers, tensors, strict=True)):
         for role, name in roles.items():
             if name not in sections:
-                raise ManifestError(f"layer {pos}: section {name!r} is not declared")
+                raise ManifestError(f"layer {pos}: section {_shown(name)} is not declared")
             s = sections[name]
             if role == "indices":
                 want, encodings = (math.prod(layer.weight_shape),), ("bits", "delta")

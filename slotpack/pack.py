@@ -22,7 +22,7 @@ from . import arch as A
 from . import bits as B
 from . import delta as D
 from . import format as F
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, OutOfMemoryError, size_text
 
 if TYPE_CHECKING:
     from .models import Net
@@ -164,7 +164,17 @@ def repack(
 ) -> bytes:
     """A version 2 file with the same network as ``source`` (either version), indices
     re-encoded; dense tensors keep their encoding unless ``encoding`` says. Lossless: the
-    rebuilt weights are bit-identical."""
+    rebuilt weights are bit-identical. Running out of memory is an OutOfMemoryError."""
+    try:
+        return _repack(source, index_encoding, encoding)
+    except MemoryError:
+        n = sum(w.count for w in source.weights)
+        raise OutOfMemoryError(
+            f"out of memory re-encoding {n:,} connections ({size_text(2 * n)} of indices)"
+        ) from None
+
+
+def _repack(source: F.SlotFile, index_encoding: str, encoding: str | None) -> bytes:
     arch = A.Arch(
         "file", str(source.manifest["metadata"].get("dataset", "")), source.input_shape,
         source.layers, source.manifest["num_classes"],
