@@ -82,6 +82,7 @@ def refused_everywhere(path: Path, tmp_path: Path, mnist_root: Path, *needles: s
         ["unpack", path, "-o", tmp_path / "out.npz"],
         ["export", path, "-o", tmp_path / "out.onnx"],
         ["export", "--self-decoding", path, "-o", tmp_path / "sd.onnx"],
+        ["pack", path, "-o", tmp_path / "out.slot"],
         ["eval", path, "--dataset", "mnist", "--limit", 50, "--root", mnist_root],
     ):
         result = cli(*args)
@@ -163,11 +164,12 @@ def test_item_1_many_keys_and_one_duplicate_are_refused_in_linear_time(tmp_path,
 def test_item_3_a_symlink_to_dev_zero_is_refused(tmp_path, mnist_root):
     path = tmp_path / "zero.slot"
     path.symlink_to("/dev/zero")
-    refused_everywhere(path, tmp_path, mnist_root, "not a regular file")
+    refused_everywhere(path, tmp_path, mnist_root, "zero.slot")  # pack: "no checkpoint at"
+    one_line_error(cli("inspect", "--verify", path), "zero.slot: not a regular file")
 
 
 CAPPED_CLI = """
-import json, resource, sys, traceback
+import json, resource, sys, time, traceback
 import numpy, onnx, onnxruntime  # imported before the limit, as in tests.helpers.run_capped
 import slotpack.cli, slotpack.converters.onnx, slotpack.data, slotpack.runtime
 from click.testing import CliRunner
@@ -181,11 +183,12 @@ limit = size() + int(sys.argv[1]) * 2**20
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 out = []
 for args in json.loads(sys.argv[2]):
+    start = time.process_time()
     r = CliRunner().invoke(slotpack.cli.main, args)
     text = r.output
     if r.exit_code not in (0, 2) and r.exc_info:
         text += "".join(traceback.format_exception(*r.exc_info))
-    out.append((r.exit_code, text))
+    out.append((r.exit_code, text, time.process_time() - start))
 print(json.dumps(out))
 """
 
@@ -254,7 +257,7 @@ def capped(tmp_path_factory, mnist_root) -> dict[str, tuple[list[SimpleNamespace
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    results = [SimpleNamespace(exit_code=c, output=o) for c, o in json.loads(done.stdout)]
+    results = [SimpleNamespace(exit_code=c, output=o, cpu=t) for c, o, t in json.loads(done.stdout)]
     return {name: (results[i : i + 5], folder) for name, (i, folder) in where.items()}
 
 
@@ -262,6 +265,7 @@ def test_item_3_a_sparse_6_gib_file_is_refused_without_reading_it(capped):
     results, folder = capped["sparse.slot"]
     for result in results:
         one_line_error(result, "trailing bytes after the payload")
+        assert result.cpu < 2, result
     assert sorted(p.name for p in folder.iterdir()) == ["sparse.slot"]
 
 
@@ -269,6 +273,7 @@ def test_item_3_a_fifo_is_refused_without_waiting_for_a_writer(capped):
     results, folder = capped["f.slot"]
     for result in results:  # pack takes a non-file for a run folder or checkpoint
         one_line_error(result, "f.slot")
+        assert result.cpu < 2, result
         assert "not a regular file" in result.output or "no checkpoint" in result.output
     assert sorted(p.name for p in folder.iterdir()) == ["f.slot"]
 
