@@ -1,5 +1,7 @@
 """Reading and writing ``.slot`` files (docs/FORMAT.md §2): a strict reader, a deterministic writer.
 
+The reader reads format versions 1 and 2; the writer writes 2 (or 1 when asked). Index sections
+are fixed-width ``bits`` or, in version 2, ``delta`` (only what training changed, slotpack.delta).
 No torch and no pickle. The reader checks the magic, version, CRCs and every length against the
 real size before it allocates anything that depends on them, and rejects any manifest key it does
 not know. The writer validates its own output with the reader before anything reaches the disk.
@@ -555,7 +557,7 @@ def _parse_layer(entry: Any, pos: int, version: int) -> tuple[A.Layer, dict[str,
             values[name] = _int(v, w, lo=0 if name == "padding" else 1)
     layer = cls(**values)
     if isinstance(layer, A.BatchNorm2d) and layer.affine:
-        raise ManifestError(f"{where}: batchnorm2d with affine=true is not in format version 1")
+        raise ManifestError(f"{where}: batchnorm2d with affine=true is not supported (format versions 1 and 2)")
     if isinstance(layer, A.Dropout) and not 0 <= layer.p < 1:
         raise ManifestError(f"{where}: dropout p must be in [0, 1), got {layer.p}")
     if isinstance(layer, A.Conv2d) and layer.padding > layer.dilation * (layer.kernel_size - 1):
