@@ -557,7 +557,9 @@ def _parse_layer(entry: Any, pos: int, version: int) -> tuple[A.Layer, dict[str,
             values[name] = _int(v, w, lo=0 if name == "padding" else 1)
     layer = cls(**values)
     if isinstance(layer, A.BatchNorm2d) and layer.affine:
-        raise ManifestError(f"{where}: batchnorm2d with affine=true is not supported (format versions 1 and 2)")
+        raise ManifestError(
+            f"{where}: batchnorm2d with affine=true is not supported (format versions 1 and 2)"
+        )
     if isinstance(layer, A.Dropout) and not 0 <= layer.p < 1:
         raise ManifestError(f"{where}: dropout p must be in [0, 1), got {layer.p}")
     if isinstance(layer, A.Conv2d) and layer.padding > layer.dilation * (layer.kernel_size - 1):

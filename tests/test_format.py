@@ -499,7 +499,9 @@ def test_layer_field_types(tiny, pos, field, value, match):
 
 
 def test_affine_batchnorm(tiny):
-    with pytest.raises(F.ManifestError, match="layer 1: batchnorm2d with affine=true is not supported"):
+    with pytest.raises(
+        F.ManifestError, match="layer 1: batchnorm2d with affine=true is not supported"
+    ):
         F.decode(edited(tiny, lambda m: m["layers"][1].update(affine=True)))
 
 
