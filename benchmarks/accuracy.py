@@ -30,10 +30,9 @@ def deploy(run: Path, root: Path) -> dict:
     from slotpack import data
     from slotpack.atomic import write_bytes
     from slotpack.converters.onnx import export_file
-    from slotpack.pack import pack_checkpoint
     from slotpack.pipeline import dense_onnx
     from slotpack.runtime import evaluate, session
-    from slotpack.train import load_model
+    from slotpack.train import load_model, pack_checkpoint
 
     model, cfg = load_model(run)
     cfg = cfg.resolved()

@@ -38,7 +38,7 @@ _source_checkout_subpackages()
 
 _LAZY = {
     "rebuild": "slotpack.runtime",
-    "pack_checkpoint": "slotpack.pack",
+    "pack_checkpoint": "slotpack.train",
     "pack_model": "slotpack.pack",
     "create": "slotpack.models",
     "SlotLinear": "slotpack.layers",

@@ -104,26 +104,17 @@ class _Bars:
         self._open.remove(self.bar)
 
 
-def _ks(value: str) -> tuple[int, ...]:
+def _per_layer(value: str, kind: type, hint: str) -> tuple:
+    """One number, or one per weighted layer (comma-separated): ``--k 2,8,8``, ``--rate 1,0,0``."""
     try:
-        ks = tuple(int(v) for v in str(value).split(","))
+        values = tuple(kind(v) for v in str(value).split(","))
     except ValueError:
+        values = ()
+    if not values or not all(0 <= v < float("inf") for v in values):
         raise click.BadParameter(
-            f"not an integer or a comma-separated list of integers: {value!r}", param_hint="--k"
-        ) from None
-    return ks
-
-
-def _rates(value: str) -> tuple[float, ...]:
-    try:
-        rates = tuple(float(v) for v in str(value).split(","))
-    except ValueError:
-        rates = ()
-    if not rates or not all(r >= 0 and r < float("inf") for r in rates):
-        raise click.BadParameter(
-            f"not a number >= 0 or a comma-separated list of them: {value!r}", param_hint="--rate"
+            f"not a number >= 0 or a comma-separated list of them: {value!r}", param_hint=hint
         )
-    return rates
+    return values
 
 
 def _root(root: Path | None) -> Path:
@@ -158,7 +149,7 @@ def data_cmd(name: str, root: Path | None) -> None:
     "k",
     default="8",
     show_default=True,
-    callback=lambda ctx, param, value: _ks(value),
+    callback=lambda ctx, param, value: _per_layer(value, int, "--k"),
     help="Values per connection: one K, or one per weighted layer (for example 2,8,8).",
 )
 @click.option(
@@ -172,7 +163,7 @@ def data_cmd(name: str, root: Path | None) -> None:
     "--rate",
     default="0",
     show_default=True,
-    callback=lambda ctx, param, value: _rates(value),
+    callback=lambda ctx, param, value: _per_layer(value, float, "--rate"),
     help="Rate-aware training: leaving a connection's initial slot costs this margin (in units "
     "of the layer's bound), so fewer connections change and the .slot file is smaller. One "
     "value, or one per weighted layer (for example 0.5,0,0).",
@@ -498,7 +489,7 @@ def pack_cmd(source: Path, output: Path, index_encoding: str, half: bool, force:
         info = PackInfo(len(blob), sum(w.count for w in slot.weights), dense)
         before = f" (was {slot.size:,} bytes, format version {slot.version})"
     else:
-        from .pack import pack_checkpoint
+        from .train import pack_checkpoint
 
         blob, info = pack_checkpoint(
             source, encoding="float16" if half else "float32", index_encoding=index_encoding

@@ -14,7 +14,7 @@ torch or numpy versions.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torchvision
 
-from slotpack import prng
+from slotpack import prng, sources
 from slotpack.errors import ConfigError, DataError, RegistryError
-from slotpack.sources import fetch, first_line, mnist_present, open_cifar10_offline, shown
+from slotpack.sources import first_line, mnist_present, open_cifar10_offline, shown
 
 DATASETS: tuple[str, ...] = ("mnist", "cifar10")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -92,6 +92,12 @@ class TensorData:
 def default_root() -> Path:
     """The data root: $SLOTPACK_DATA if set, else ./data."""
     return Path(os.environ.get("SLOTPACK_DATA") or "data")
+
+
+def fetch(name: str, root: Path | str, *, progress: Callable[[str], None] | None = None) -> Path:
+    """``sources.fetch`` for a registered name (a RegistryError lists the valid ones)."""
+    spec(name)
+    return sources.fetch(name, root, progress=progress)
 
 
 def spec(name: str) -> DataSpec:

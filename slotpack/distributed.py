@@ -187,11 +187,9 @@ def replica_digests(module: torch.nn.Module, world: World) -> list[str]:
     return gather(digest(module), world)
 
 
-def packed_digests(model: torch.nn.Module, world: World) -> list[str]:
-    """Every rank's SHA-256 of the .slot bytes it would pack from its replica, in rank order."""
-    from .pack import pack_model
-
-    return gather(hashlib.sha256(pack_model(model)[0]).hexdigest(), world)
+def packed_digests(blob: bytes, world: World) -> list[str]:
+    """Every rank's SHA-256 of the .slot bytes it packed from its replica, in rank order."""
+    return gather(hashlib.sha256(blob).hexdigest(), world)
 
 
 def broadcast(obj: Any, world: World) -> Any:

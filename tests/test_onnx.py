@@ -37,10 +37,10 @@ from slotpack.converters.onnx import (
     initializer_bytes,
 )
 from slotpack.errors import ConfigError, OutputExistsError
-from slotpack.pack import encode_selection, pack_checkpoint, pack_model, repack
+from slotpack.pack import encode_selection, pack_model, repack
 from slotpack.runtime import evaluate, predict, rebuild, session
 from slotpack.runtime.session import InputError, ModelFileError, input_normalisation, normalize
-from slotpack.train import TrainConfig, load_model, train
+from slotpack.train import TrainConfig, load_model, pack_checkpoint, train
 from tests.helpers import big_slot, one_line_failure, run_capped
 from tests.helpers import one_line_error as _one_line_error
 from tests.helpers import trained_like as _trained_like

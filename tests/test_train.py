@@ -101,8 +101,8 @@ def test_bfloat16_runs_resume_exactly(mnist_root, tmp_path, step_in_backward):
 
 
 def test_bfloat16_scores_train_pack_and_reload(mnist_root, tmp_path):
-    from slotpack.pack import pack_checkpoint
     from slotpack.runtime import rebuild
+    from slotpack.train import pack_checkpoint
 
     cfg = TrainConfig(**SMALL, score_dtype="bfloat16", lean=True)
     result = train(cfg, tmp_path / "bf", root=mnist_root, device="cpu")
