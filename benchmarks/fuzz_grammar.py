@@ -249,9 +249,12 @@ def _assemble(d: _Draft) -> None:
         body = d.bodies.get(entry["name"])
         if isinstance(body, D.Delta):
             entry.update(changes=body.changes, gap_param=body.gap_param, rank_param=body.rank_param)
+            entry.pop("gap_code", None)
+            if body.gap_code != "rice":
+                entry["gap_code"] = body.gap_code
             body = body.data
         else:
-            for key in F.DELTA_KEYS:
+            for key in (*F.DELTA_KEYS, "gap_code"):
                 entry.pop(key, None)
         payload += bytes(align8(len(payload)) - len(payload))
         entry.update(offset=len(payload), length=len(body), crc32=crc(body))
@@ -593,8 +596,8 @@ def _k_of(d: _Draft, name: str) -> int:
 
 def m_delta_random(d: _Draft) -> str | None:
     """An indices section becomes a delta section with random parameters: streams that decode
-    (changes anywhere, any Rice parameters in range), sometimes with a bit or a byte off, or a
-    random body."""
+    (changes anywhere, either gap code, any parameters in range), sometimes with a bit or a byte
+    off, or a random body."""
     sections = _index_sections(d)
     if not sections or d.version == 1:
         return "skip"
@@ -612,12 +615,16 @@ def m_delta_random(d: _Draft) -> str | None:
         changes = where.size
         gap = int(rng.integers(max(0, count.bit_length() - 16), 32)) if changes else 0
         rank = int(rng.integers(0, 16)) if changes else 0
-        body = D.rice_encode(np.diff(where, prepend=-1) - 1, gap) if changes else b""
+        code = _pick(rng, list(D.GAP_CODES)) if changes else "rice"
+        gaps = np.diff(where, prepend=-1) - 1
+        body = b""
+        if changes:
+            body = D.rice_encode(gaps, gap) if code == "rice" else D.eg_encode(gaps, gap)
         if k > 2 and changes:
             body += D.rice_encode(rng.integers(0, k - 1, changes), rank)
         else:
             rank = 0
-        d.bodies[s["name"]] = D.Delta(body, changes, gap, rank)
+        d.bodies[s["name"]] = D.Delta(body, changes, gap, rank, code)
         if rng.random() < 0.7 or not body:
             return "valid"  # the reader takes any parameters in range, not only the best ones
         body = bytearray(body)
@@ -625,7 +632,7 @@ def m_delta_random(d: _Draft) -> str | None:
             body[int(rng.integers(len(body)))] ^= 1 << int(rng.integers(8))
         else:
             body.append(int(rng.integers(256)))
-        d.bodies[s["name"]] = D.Delta(bytes(body), changes, gap, rank)
+        d.bodies[s["name"]] = D.Delta(bytes(body), changes, gap, rank, code)
         return None
     changes = _pick(rng, [0, 1, 2, int(rng.integers(0, count + 1)), count, count + 1])
     size = _pick(rng, [0, 1, 2, 3, max(0, changes // 4), int(rng.integers(0, 40))])
@@ -633,7 +640,8 @@ def m_delta_random(d: _Draft) -> str | None:
     if rng.random() < 0.3:  # mostly ones: long unary codes
         body = bytes(b | 0xFE for b in body)
     rank = 0 if k == 2 and rng.random() < 0.8 else int(rng.integers(0, 17))
-    d.bodies[s["name"]] = D.Delta(body, changes, int(rng.integers(0, 33)), rank)
+    code = _pick(rng, list(D.GAP_CODES))
+    d.bodies[s["name"]] = D.Delta(body, changes, int(rng.integers(0, 33)), rank, code)
     return None
 
 
@@ -662,11 +670,15 @@ def m_delta_params(d: _Draft) -> str | None:
         return "skip"
     name = _pick(d.rng, deltas)
     body = d.bodies[name]
-    which = _pick(d.rng, ["changes", "gap_param", "rank_param"])
+    which = _pick(d.rng, ["changes", "gap_param", "rank_param", "gap_code"])
     step = _pick(d.rng, [-1, 1])
     values = {"changes": body.changes, "gap_param": body.gap_param, "rank_param": body.rank_param}
-    values[which] = max(0, values[which] + step)
-    d.bodies[name] = D.Delta(body.data, **values)
+    code = body.gap_code
+    if which == "gap_code":  # the other code reads the same streams differently
+        code = "rice" if code == "expgolomb" else "expgolomb"
+    else:
+        values[which] = max(0, values[which] + step)
+    d.bodies[name] = D.Delta(body.data, **values, gap_code=code)
     return None
 
 

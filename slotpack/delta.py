@@ -4,13 +4,16 @@ reference slot, numpy only.
 Most connections of a trained slot network still use the slot their seeded initial scores chose
 (the reference slot, regenerable from the seed: ``prng.reference_np``). A delta section stores
 
-- where the changed connections are: the gaps between them, Rice-coded;
+- where the changed connections are: the gaps between them, Rice- or Exp-Golomb-coded (Rice
+  suits gaps spread evenly, Exp-Golomb gaps that cluster, as in a first layer whose border pixels
+  never change);
 - which slot each changed connection uses: its rank in the connection's *reference order* (the
   reference slot first, then the others by decreasing initial draw), Rice-coded. The new slot is
   usually the runner-up of the initial scores, so small ranks dominate.
 
-Every Rice code is split into a unary stream of quotients and a fixed-width stream of remainders,
-so decoding is a handful of vectorised numpy passes: the zeros of a unary stream end its codes.
+Every code is split into a unary stream (Rice quotients, or Exp-Golomb's extra lengths) and a stream
+of fixed- or known-width fields, so decoding is a handful of vectorised numpy passes: the zeros of
+a unary stream end its codes.
 Decoding is bounded by the declared counts: nothing larger than the declared output is allocated
 and a stream that does not parse raises :class:`DeltaError`.
 """
@@ -24,6 +27,8 @@ import numpy as np
 
 MAX_GAP_PARAM = 31
 MAX_RANK_PARAM = 15
+GAP_CODES = ("rice", "expgolomb")
+MAX_FIELD = 31  # an Exp-Golomb field never needs more bits: gaps are below 2**31
 BLOCK = 1 << 14
 
 # rank_of(positions, slots, references) -> each slot's rank 1..K-1 in its reference order;
@@ -43,6 +48,7 @@ class Delta:
     changes: int
     gap_param: int
     rank_param: int
+    gap_code: str = "rice"
 
 
 # ------------------------------------------------------------------------- Rice streams
@@ -133,6 +139,84 @@ def rice_decode(
     return (q << param) | r, start
 
 
+def _eg_widths(values: np.ndarray, param: int) -> np.ndarray:
+    """Exp-Golomb order ``param``: the extra length L of each value (floor(log2(v + 2**param))
+    - param), so that its field holds L + param bits."""
+    m = values.astype(np.int64) + (1 << param)
+    return np.floor(np.log2(m.astype(np.float64))).astype(np.int64) - param  # exact below 2**52
+
+
+def eg_length(values: np.ndarray, param: int) -> int:
+    """Bytes of the two streams of ``values`` Exp-Golomb-coded with ``param`` (each padded)."""
+    extra = _eg_widths(values, param)
+    total = int(extra.sum())
+    return -(-(total + values.size) // 8) + -(-(total + values.size * param) // 8)
+
+
+def eg_encode(values: np.ndarray, param: int) -> bytes:
+    """The unary stream of the extra lengths L, then each ``v + 2**param`` without its leading
+    one-bit in L + ``param`` bits, MSB first (byte-aligned)."""
+    extra = _eg_widths(values, param)
+    width = extra + param
+    m = values.astype(np.int64) + (1 << param)
+    out = []
+    shifts = np.arange(MAX_FIELD - 1, -1, -1, dtype=np.int64)
+    for a in range(0, values.size, BLOCK):
+        bits = ((m[a : a + BLOCK, None] >> shifts) & 1).astype(np.uint8)
+        keep = shifts[None, :] < width[a : a + BLOCK, None]  # the low `width` bits of each row
+        out.append(bits[keep])
+    fields = np.packbits(np.concatenate(out)).tobytes() if values.size else b""
+    return _unary(extra) + fields
+
+
+def _read_fields(view: np.ndarray, start: int, widths: np.ndarray) -> tuple[np.ndarray, int]:
+    """Fields of the given widths (each <= MAX_FIELD) packed MSB first from byte ``start``."""
+    total = int(widths.sum())
+    nbytes = -(-total // 8)
+    if start + nbytes > view.size:
+        raise DeltaError("a field stream runs past the end of the section")
+    body = np.zeros(nbytes + 5, dtype=np.uint64)
+    body[:nbytes] = view[start : start + nbytes]
+    ends = np.cumsum(widths)
+    begins = ends - widths
+    out = np.zeros(widths.size, dtype=np.uint64)
+    for a in range(0, widths.size, BLOCK):  # a 40-bit window covers any field and its offset
+        byte = (begins[a : a + BLOCK] >> 3).astype(np.int64)
+        window = np.zeros(byte.size, dtype=np.uint64)
+        for j in range(5):
+            window = (window << np.uint64(8)) | body[byte + j]
+        shift = (40 - (begins[a : a + BLOCK] & 7) - widths[a : a + BLOCK]).astype(np.uint64)
+        mask = (np.uint64(1) << widths[a : a + BLOCK].astype(np.uint64)) - np.uint64(1)
+        out[a : a + BLOCK] = (window >> shift) & mask
+    if total % 8 and int(view[start + nbytes - 1]) & ((1 << (8 - total % 8)) - 1):
+        raise DeltaError("the padding after a field stream is not zero")
+    return out.astype(np.int64), start + nbytes
+
+
+def eg_decode(
+    view: np.ndarray, start: int, count: int, param: int, max_total: int
+) -> tuple[np.ndarray, int]:
+    """``count`` Exp-Golomb-coded values from byte ``start`` whose sum is at most ``max_total``
+    (the reader's bound: each extra length L is at most ``v >> param``, since v >= 2**param *
+    (2**L - 1)); returns the values and the next byte."""
+    extra, start = _read_unary(view, start, count, (max_total >> param) + count)
+    if count and int(extra.max()) + param > MAX_FIELD:
+        raise DeltaError(f"an Exp-Golomb code is longer than {MAX_FIELD} bits")
+    width = extra + param
+    fields, start = _read_fields(view, start, width)
+    return (np.int64(1) << width) + fields - (1 << param), start
+
+
+def best_code(values: np.ndarray) -> tuple[str, int]:
+    """The gap code and parameter that take the fewest bytes (ties: Rice, then smaller)."""
+    rice = best_param(values, MAX_GAP_PARAM)
+    best = (rice_length(values, rice), 0, rice)
+    top = min(MAX_GAP_PARAM, max(0, int(values.max()).bit_length())) if values.size else 0
+    for p in range(top + 1):
+        best = min(best, (eg_length(values, p), 1, p))
+    return GAP_CODES[best[1]], best[2]
+
+
 # ------------------------------------------------------------------------- the section
 
 
@@ -145,20 +229,22 @@ def encode(index: np.ndarray, reference: np.ndarray, k: int, rank_of: Ranks) -> 
     if changed.size == 0:
         return Delta(b"", 0, 0, 0)
     gaps = np.diff(changed, prepend=-1) - 1
-    g = best_param(gaps, MAX_GAP_PARAM)
+    code, g = best_code(gaps)
+    gap_bytes = rice_encode(gaps, g) if code == "rice" else eg_encode(gaps, g)
     if k == 2:
-        return Delta(rice_encode(gaps, g), int(changed.size), g, 0)
+        return Delta(gap_bytes, int(changed.size), g, 0, code)
     ranks = rank_of(changed, index[changed].astype(np.int64), reference[changed]) - 1
     r = best_param(ranks, MAX_RANK_PARAM)
-    return Delta(rice_encode(gaps, g) + rice_encode(ranks, r), int(changed.size), g, r)
+    return Delta(gap_bytes + rice_encode(ranks, r), int(changed.size), g, r, code)
 
 
 def changed_positions(
-    data: bytes | memoryview, count: int, changes: int, gap_param: int
+    data: bytes | memoryview, count: int, changes: int, gap_param: int, gap_code: str = "rice"
 ) -> tuple[np.ndarray, int]:
     """The changed connections (int64, increasing) and the byte where the rank streams start."""
     view = np.frombuffer(data, dtype=np.uint8)
-    gaps, at = rice_decode(view, 0, changes, gap_param, max(0, count - changes))
+    decode_gaps = rice_decode if gap_code == "rice" else eg_decode
+    gaps, at = decode_gaps(view, 0, changes, gap_param, max(0, count - changes))
     positions = np.cumsum(gaps + 1) - 1
     if changes and int(positions[-1]) >= count:
         raise DeltaError(f"a changed connection lies past the layer's {count} connections")
@@ -166,13 +252,21 @@ def changed_positions(
 
 
 def _streams(
-    data: bytes | memoryview, count: int, k: int, changes: int, gap_param: int, rank_param: int
+    data: bytes | memoryview,
+    count: int,
+    k: int,
+    changes: int,
+    gap_param: int,
+    rank_param: int,
+    gap_code: str,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The changed positions and their ranks (minus one), checked against every bound."""
     view = np.frombuffer(data, dtype=np.uint8)
     if changes > count:
         raise DeltaError(f"{changes} changed connections declared for {count}")
-    positions, at = changed_positions(data, count, changes, gap_param)
+    if gap_code not in GAP_CODES:
+        raise DeltaError(f"unknown gap code {gap_code!r}")
+    positions, at = changed_positions(data, count, changes, gap_param, gap_code)
     if k == 2 and rank_param:
         raise DeltaError("K=2 has no rank streams, so rank_param must be 0")
     ranks = np.zeros(changes, dtype=np.int64)
@@ -186,11 +280,18 @@ def _streams(
 
 
 def check(
-    data: bytes | memoryview, *, count: int, k: int, changes: int, gap_param: int, rank_param: int
+    data: bytes | memoryview,
+    *,
+    count: int,
+    k: int,
+    changes: int,
+    gap_param: int,
+    rank_param: int,
+    gap_code: str = "rice",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The changed positions and their ranks (1..K-1); DeltaError unless the section decodes
     (the reader's structural check, which needs no generator)."""
-    positions, ranks = _streams(data, count, k, changes, gap_param, rank_param)
+    positions, ranks = _streams(data, count, k, changes, gap_param, rank_param, gap_code)
     return positions, ranks + 1
 
 
@@ -216,12 +317,19 @@ def decode(
     rank_param: int,
     reference: Callable[[], np.ndarray],
     slot_at: Ranks,
+    gap_code: str = "rice",
 ) -> np.ndarray:
     """The ``count`` indices (uint16) of a delta section; ``reference()`` gives the reference slots.
 
     Raises DeltaError if the streams do not decode exactly to ``changes`` changed connections,
     every rank below K and every byte of the section used."""
     positions, ranks = check(
-        data, count=count, k=k, changes=changes, gap_param=gap_param, rank_param=rank_param
+        data,
+        count=count,
+        k=k,
+        changes=changes,
+        gap_param=gap_param,
+        rank_param=rank_param,
+        gap_code=gap_code,
     )
     return expand(positions, ranks, k, reference(), slot_at)

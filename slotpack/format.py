@@ -65,7 +65,7 @@ MANIFEST_KEYS_V1 = {
 MANIFEST_KEYS = {1: MANIFEST_KEYS_V1, 2: MANIFEST_KEYS_V1 - {"k", "index_bits"}}
 WEIGHTED_KEYS_V2 = {"k", "reference"}  # version 2: every weighted layer carries its own K
 SECTION_KEYS = {"name", "encoding", "shape", "offset", "length", "crc32"}
-DELTA_KEYS = {"changes", "gap_param", "rank_param"}
+DELTA_KEYS = {"changes", "gap_param", "rank_param"}  # and "gap_code" for Exp-Golomb gaps
 ROLES = {
     "linear": ("indices", "bias"),
     "conv2d": ("indices", "bias"),
@@ -119,9 +119,10 @@ class Section:
     offset: int
     length: int
     crc32: int
-    changes: int = 0  # delta sections: changed connections and the two Rice parameters
+    changes: int = 0  # delta sections: changed connections, the two code parameters
     gap_param: int = 0
     rank_param: int = 0
+    gap_code: str = "rice"  # and how the gaps are coded
 
     @property
     def count(self) -> int:
@@ -292,6 +293,8 @@ def encode(
         entry = {"name": name, "encoding": encoding, "shape": list(shape), "offset": 0}
         if isinstance(data, D.Delta):
             entry.update(changes=data.changes, gap_param=data.gap_param, rank_param=data.rank_param)
+            if data.gap_code != "rice":  # Rice, the first code, goes without saying
+                entry["gap_code"] = data.gap_code
             data = data.data
         payload += bytes(_align8(offset) - offset)
         offset = _align8(offset)
@@ -675,7 +678,8 @@ def _validate_sections(
     for i, entry in enumerate(entries):
         where = f"section {i}"
         is_delta = isinstance(entry, dict) and entry.get("encoding") == "delta" and version >= 2
-        _keys(entry, SECTION_KEYS | (DELTA_KEYS if is_delta else set()), where)
+        delta_keys = DELTA_KEYS | ({"gap_code"} if is_delta and "gap_code" in entry else set())
+        _keys(entry, SECTION_KEYS | (delta_keys if is_delta else set()), where)
         name, encoding = entry["name"], entry["encoding"]
         if not isinstance(name, str) or name in sections:
             raise ManifestError(f"{where}: name must be a unique string, got {_shown(name)}")
@@ -694,7 +698,7 @@ def _validate_sections(
         length = _int(entry["length"], f"{where} ({name}) length", 0, payload_length)
         offset = _int(entry["offset"], f"{where} ({name}) offset", 0, payload_length)
         crc = _int(entry["crc32"], f"{where} ({name}) crc32", 0, 0xFFFFFFFF)
-        params = (0, 0, 0)
+        params: tuple = (0, 0, 0, "rice")
         if encoding == "delta":
             params = _delta_params(entry, count, index_k[name], length, f"{where} ({name})")
             expected = length  # the decoder checks that the streams fill it exactly
@@ -729,12 +733,17 @@ def _delta_params(
     changes = _int(entry["changes"], f"{where} changes", 0, count)
     g = _int(entry["gap_param"], f"{where} gap_param", 0, D.MAX_GAP_PARAM)
     r = _int(entry["rank_param"], f"{where} rank_param", 0, D.MAX_RANK_PARAM)
-    if changes == 0 and (g or r or length):
+    code = entry.get("gap_code", "rice")
+    if "gap_code" in entry and code != "expgolomb":
+        raise ManifestError(
+            f'{where}: gap_code must be "expgolomb" (Rice gaps omit the key), got {_shown(code)}'
+        )
+    if changes == 0 and (g or r or length or "gap_code" in entry):
         raise LayoutError(f"{where}: no changes, so length and parameters must be 0")
     # each unary stream (one, or two above K=2) holds at least one bit per change
     if length < (1 if k == 2 else 2) * -(-changes // 8):
         raise LayoutError(f"{where}: {length} bytes cannot hold {changes} changes")
-    return changes, g, r
+    return changes, g, r, code
 
 
 def _check_references(layers, tensors, sections: dict[str, Section]) -> None:
@@ -808,6 +817,7 @@ def _check_delta(body: memoryview, s: Section, k: int) -> tuple[np.ndarray, np.n
             changes=s.changes,
             gap_param=s.gap_param,
             rank_param=s.rank_param,
+            gap_code=s.gap_code,
         )
     except D.DeltaError as exc:
         raise LayoutError(f"section {s.name}: {exc}") from None

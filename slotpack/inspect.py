@@ -43,6 +43,7 @@ def summary(slot: F.SlotFile, *, verified: bool = False) -> dict[str, Any]:
             changed = s.changes if s.encoding == "delta" else _changed(slot, w)
             row.update(
                 encoding=s.encoding,
+                gap_code=s.gap_code if s.encoding == "delta" else None,
                 reference=w.reference,
                 changed=changed,
                 changed_fraction=changed / n if n else 0.0,

@@ -41,7 +41,7 @@ def golden_indices() -> list[np.ndarray]:
     for number, (layer, k, rule, moves) in enumerate(
         [
             (TINY.layers[0], 5, "onedraw", {2: 1, 3: 2, 11: 4}),
-            (TINY.layers[5], 3, "argmax", {0: 1, 7: 2, 8: 1, 23: 2}),
+            (TINY.layers[5], 3, "argmax", {0: 1, 1: 2, 2: 1, 23: 2}),  # Exp-Golomb gaps
         ]  # fmt: skip
     ):
         n, bound = int(np.prod(layer.weight_shape)), prng.glorot_bound(*layer.fans)
@@ -190,7 +190,9 @@ def test_golden_v2_manifest_follows_the_spec_tables():
     s = section(manifest, "0.indices")
     assert set(s) == F.SECTION_KEYS | F.DELTA_KEYS
     assert (s["changes"], s["encoding"]) == (3, "delta")
-    assert section(manifest, "5.indices")["changes"] == 4
+    s = section(manifest, "5.indices")  # clustered changes: Exp-Golomb codes them shorter
+    assert set(s) == F.SECTION_KEYS | F.DELTA_KEYS | {"gap_code"}
+    assert (s["changes"], s["gap_code"]) == (4, "expgolomb")
 
 
 # ----------------------------------------------------------------------------- round trips
@@ -290,6 +292,16 @@ def _recrc(manifest, payload, name):
          "rank_param must be an integer in 0..15"),
         (lambda m, p: section(m, "0.indices").pop("changes") and p, F.ManifestError,
          "missing \\['changes'\\]"),
+        (lambda m, p: section(m, "5.indices").update(gap_code="rice") or p, F.ManifestError,
+         'gap_code must be "expgolomb" \\(Rice gaps omit the key\\), got \'rice\''),
+        (lambda m, p: section(m, "5.indices").update(gap_code="huffman") or p, F.ManifestError,
+         "gap_code must be"),
+        (lambda m, p: section(m, "0.indices").update(gap_code="expgolomb") or p, F.LayoutError,
+         "padding|bytes after|unary stream ends|runs past|past the layer|a rank is"),
+        (lambda m, p: section(m, "5.indices").pop("gap_code") and p, F.LayoutError,
+         "padding|bytes after|unary stream ends|runs past|past the layer|a rank is"),
+        (lambda m, p: section(m, "1.running_mean").update(gap_code="expgolomb") or p,
+         F.ManifestError, "unknown \\['gap_code'\\]"),
         (lambda m, p: m["layers"][0].update(k=65537) or p, F.ManifestError, "k must be"),
         (lambda m, p: m["layers"][0].update(reference="best") or p, F.ManifestError,
          "reference 'best' is not one of"),
@@ -362,6 +374,35 @@ def test_integer_limit_does_not_depend_on_the_interpreter():
         F.decode(head + raw + bytes(-len(raw) % 8) + payload)
 
 
+def test_exp_golomb_streams_follow_the_spec():
+    """The spec's example, exact lengths, and round trips at every order on clustered gaps."""
+    gaps = np.array([0, 0, 0, 20])
+    assert D.eg_encode(gaps, 0) == bytes([0x1E, 0x50])
+    rng = np.random.default_rng(5)
+    runs = [
+        rng.geometric(0.5, 300) - 1,
+        rng.geometric(0.002, 40) - 1,
+        rng.integers(0, 2**31 - 1, 9),
+    ]
+    values = np.concatenate(runs)
+    for order in range(32):
+        data = D.eg_encode(values, order)
+        assert len(data) == D.eg_length(values, order)
+        got, end = D.eg_decode(np.frombuffer(data, np.uint8), 0, values.size, order, 2**31 * 9)
+        assert end == len(data) and np.array_equal(got, values)
+    code, param = D.best_code(np.concatenate([np.zeros(500, int), [10**6] * 5]))
+    assert code == "expgolomb"  # long runs between clusters: logarithmic cost wins
+    assert D.best_code(rng.geometric(0.1, 2000) - 1)[0] == "rice"  # evenly spread changes
+
+
+def test_exp_golomb_codes_longer_than_31_bits_are_refused():
+    """A length of 32 extra bits would describe a gap of 2^32 and more: refused before reading."""
+    unary = bytes([0xFF] * 4 + [0x00])  # L = 32, then padding
+    with pytest.raises(D.DeltaError, match="longer than 31 bits"):
+        D.check(unary + bytes(8), count=2**31, k=2, changes=1, gap_param=0, rank_param=0,
+                gap_code="expgolomb")  # fmt: skip
+
+
 def test_decoding_allocates_no_more_than_the_declared_output():
     """A delta section that declares a huge quotient run is bounded by the layer's count."""
     view = np.full(64, 0xFF, dtype=np.uint8)  # all one-bits: no code ever ends
@@ -401,16 +442,16 @@ def test_fuzz_v2_byte_edits(ops, fix_crcs):
 @settings(max_examples=500, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 @given(st.integers(0, 40), st.integers(0, 31), st.integers(0, 15), st.binary(max_size=40),
-       st.sampled_from([2, 3, 5]))  # fmt: skip
-def test_fuzz_delta_streams(changes, gap_param, rank_param, body, k):
+       st.sampled_from([2, 3, 5]), st.sampled_from(D.GAP_CODES))  # fmt: skip
+def test_fuzz_delta_streams(changes, gap_param, rank_param, body, k, code):
     """Arbitrary delta sections: only DeltaError, and whatever decodes is within bounds."""
+    params = dict(changes=changes, gap_param=gap_param, rank_param=rank_param, gap_code=code)
     try:
-        D.check(body, count=40, k=k, changes=changes, gap_param=gap_param, rank_param=rank_param)
+        D.check(body, count=40, k=k, **params)
     except D.DeltaError:
         return
     out = D.decode(
-        body, count=40, k=k, changes=changes, gap_param=gap_param, rank_param=rank_param,
-        reference=lambda: np.zeros(40, np.uint16),
+        body, count=40, k=k, **params, reference=lambda: np.zeros(40, np.uint16),
         slot_at=lambda p, ranks, ref: ranks,  # slot r at rank r, reference 0
     )  # fmt: skip
     assert out.shape == (40,) and int(out.max()) < k
