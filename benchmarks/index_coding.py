@@ -78,11 +78,10 @@ def stats(run: Path) -> dict[str, Any]:
     """One record's payload for a run folder: per-layer change statistics and coding costs."""
     from slotpack import format as F
     from slotpack import prng
-    from slotpack.pack import pack_model
-    from slotpack.train import load_model
+    from slotpack.train import load_model, pack_checkpoint
 
     model, cfg = load_model(run)
-    blob, _ = pack_model(model)
+    blob, _ = pack_checkpoint(run)  # the file `slotpack pack RUN` writes, metadata and all
     slot = F.decode(blob)
     layers = []
     for w in slot.weights:
