@@ -422,17 +422,44 @@ def _eval_ort(
 
 @main.command("export")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--self-decoding",
     is_flag=True,
     help="Ship seed + packed indices; the graph regenerates the weights when loaded.",
 )
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-def export_cmd(path: Path, output: Path, self_decoding: bool, force: bool) -> None:
-    """Export a .slot file to ONNX (dense float32 weights, or --self-decoding)."""
+@click.option(
+    "--web",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Instead of -o: write a static page folder that runs the self-decoding model in the "
+    "browser (onnxruntime-web, wasm).",
+)
+@click.option(
+    "--ort-web",
+    type=click.Path(path_type=Path),
+    help="With --web: the onnxruntime-web npm package folder (default: $SLOTPACK_ORT_WEB, "
+    "else runtime/web/node_modules after `npm ci --prefix runtime/web`).",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing output file (or page folder).")
+def export_cmd(
+    path: Path,
+    output: Path | None,
+    self_decoding: bool,
+    web: Path | None,
+    ort_web: Path | None,
+    force: bool,
+) -> None:
+    """Export a .slot file to ONNX (dense float32 weights, or --self-decoding), or a --web page."""
     from .converters.onnx import data_path, export_file
+    from .errors import ConfigError
 
+    if (output is None) == (web is None):
+        raise ConfigError("export needs one of -o FILE and --web DIR")
+    if ort_web is not None and web is None:
+        raise ConfigError("--ort-web goes with --web DIR")
+    if web is not None:
+        _export_web(path, web, ort_web, force)
+        return
     size, slot_size = export_file(path, output, self_decoding=self_decoding, force=force)
     kind = "self-decoding" if self_decoding else "dense float32"
     if size != output.stat().st_size:  # over protobuf's 2 GiB: the tensors are external data
@@ -445,6 +472,17 @@ def export_cmd(path: Path, output: Path, self_decoding: bool, force: bool) -> No
         fixed = len(repack(F.read(path), index_encoding="bits"))
         line += f" (fixed-width indices: {size / fixed:.3f}x the bits-encoded .slot)"
     click.echo(line)
+
+
+def _export_web(path: Path, folder: Path, ort_web: Path | None, force: bool) -> None:
+    from .converters.web import export_web
+
+    done = export_web(path, folder, ort_web=ort_web, force=force)
+    click.echo(
+        f"{folder}/: self-decoding model.onnx {done.onnx_bytes:,} bytes, onnxruntime-web "
+        f"{done.ort_version} (wasm), {done.total_bytes:,} bytes in all"
+    )
+    click.echo(f"serve it with: python -m http.server -d {folder} 8000  (then open localhost:8000)")
 
 
 @main.command("pack")
