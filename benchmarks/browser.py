@@ -1,9 +1,10 @@
 """Run an exported page in headless Chromium, or its model in onnxruntime-web under Node.js, and
 collect what they report (tests/test_web.py and benchmarks/web_bench.py).
 
-A local HTTP server on 127.0.0.1 serves the page folder, plus ``pixels.u8`` (the test image) and
-a ``/report`` endpoint the page POSTs its JSON result to, through the page's test hook
-(``?pixels=...&report=...``). Chromium runs with a fresh profile and no background networking.
+A local HTTP server on 127.0.0.1 serves the page folder, plus the test input (``pixels.u8``, raw
+uint8 [C, H, W], or ``image.png``, which the page decodes as it does a dropped image) and a
+``/report`` endpoint the page POSTs its JSON result to, through the page's test hook
+(``?pixels=...&report=...`` or ``?image=...&report=...``). Chromium runs with a fresh profile and no background networking.
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ def chromium() -> str | None:
     return next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
 
 
-def _handler(folder: Path, pixels: bytes, results: queue.Queue):
+def _handler(folder: Path, files: dict[str, bytes], results: queue.Queue):
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's naming
-            if self.path.split("?")[0] == "/pixels.u8":
+            body = files.get(self.path.split("?")[0].lstrip("/"))
+            if body is not None:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(pixels)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(pixels)
+                self.wfile.write(body)
                 return
             super().do_GET()
 
@@ -55,24 +57,30 @@ def _handler(folder: Path, pixels: bytes, results: queue.Queue):
 
 def run_page(
     folder: Path,
-    pixels: bytes,
+    pixels: bytes | None = None,
     *,
+    png: bytes | None = None,
     model: str | None = None,
     timeout: float = 120.0,
     browser: str | None = None,
 ) -> dict:
-    """Open ``folder``'s page in headless Chromium on ``pixels`` (uint8 [C, H, W]); its report.
-    ``model`` names another ONNX file in ``folder`` for the page to load instead."""
+    """Open ``folder``'s page in headless Chromium on ``pixels`` (uint8 [C, H, W]) or on the
+    image file ``png``; its report. ``model`` names another ONNX file in ``folder`` for the page
+    to load instead."""
     browser = browser or chromium()
     if browser is None:
         raise FileNotFoundError(
             "no Chromium found (apt-get install chromium, or $SLOTPACK_CHROMIUM)"
         )
+    if (pixels is None) == (png is None):
+        raise ValueError("pass pixels or png")
+    files = {"pixels.u8": pixels} if pixels is not None else {"image.png": png}
     results: queue.Queue = queue.Queue()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(folder, pixels, results))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(folder, files, results))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{server.server_port}/index.html?pixels=pixels.u8&report=report"
+    given = "pixels=pixels.u8" if pixels is not None else "image=image.png"
+    url = f"http://127.0.0.1:{server.server_port}/index.html?{given}&report=report"
     if model is not None:
         url += f"&model={model}"
     with tempfile.TemporaryDirectory(prefix="slotpack-chromium-") as profile:

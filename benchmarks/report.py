@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks import fuzz_slot, index_coding, onnx_bench
+from benchmarks import fuzz_slot, index_coding, onnx_bench, web_bench
 from benchmarks.common import RESULTS, load_records
 from slotpack import arch
 
@@ -396,6 +396,7 @@ def render(folder: Path = RESULTS) -> str:
         by_kind.get("accuracy", []), by_kind.get("index_stats", []), by_kind.get("rebuild_time", [])
     )
     lines += onnx_bench.section(by_kind.get("onnx", []))
+    lines += web_bench.section(by_kind.get("web", []))
     lines += fuzz_slot.section(by_kind.get("fuzz", []))
     lines += step_section(by_kind.get("step_time", []))
     lines += kernel_section(by_kind.get("kernel_speed", []))

@@ -193,7 +193,8 @@ def section(records: list[dict[str, Any]]) -> list[str]:
         out.append(
             f"- `{r['name']}`: `{r['command']}` on {m['cpu']} ({m['cores']} cores), "
             f"{r['chromium']}, onnxruntime-web {r['rows'][0]['onnxruntime_web']}, "
-            f"Node.js {r['rows'][0]['node']}, {r['date']}, commit {r['commit']}"
+            f"Node.js {r['rows'][0]['node']}, {r['date']}, commit {r['commit']}; load average "
+            f"at start {r['load_average_at_start'][0]:.2f}"
         )
     return out + [""]
 

@@ -475,12 +475,13 @@ def export_cmd(
 
 
 def _export_web(path: Path, folder: Path, ort_web: Path | None, force: bool) -> None:
-    from .converters.web import export_web
+    from .converters.web import PINNED, export_web
 
     done = export_web(path, folder, ort_web=ort_web, force=force)
+    tested = "" if done.ort_version == PINNED else f", tested with {PINNED}"
     click.echo(
         f"{folder}/: self-decoding model.onnx {done.onnx_bytes:,} bytes, onnxruntime-web "
-        f"{done.ort_version} (wasm), {done.total_bytes:,} bytes in all"
+        f"{done.ort_version} (wasm{tested}), {done.total_bytes:,} bytes in all"
     )
     click.echo(f"serve it with: python -m http.server -d {folder} 8000  (then open localhost:8000)")
 

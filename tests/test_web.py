@@ -6,8 +6,10 @@ fail and say how to get them; ``SLOTPACK_SKIP_BROWSER=1`` skips them instead, vi
 """
 
 import hashlib
+import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -103,16 +105,21 @@ def _probe(folder) -> list[str]:
     return weights
 
 
-def _check_page(folder, slot_path, image: np.ndarray, browser_path):
-    """The page on ``image`` (uint8 [C, H, W]) against onnxruntime in Python and in Node.js.
+def _check_page(folder, slot_path, image: np.ndarray, browser_path, png: bytes | None = None):
+    """The page on ``image`` (uint8 [C, H, W]; or on ``png``, its file) against onnxruntime in
+    Python and in Node.js.
 
     Bit for bit: the normalised input, every weight the graph regenerates (Python onnxruntime's
     constant folding against the browser's), and the logits against onnxruntime-web in Node.js
     (the same wasm). Against Python's logits only closely: x86 MLAS kernels use FMA and another
     summation order than the wasm SIMD ones, so the last bits of a dot product differ.
     """
-    report = run_page(folder, image.tobytes(), browser=browser_path)
+    if png is None:
+        report = run_page(folder, image.tobytes(), browser=browser_path)
+    else:  # an image file of ``image``'s pixels, at the model's size
+        report = run_page(folder, png=png, browser=browser_path)
     assert report["ok"], report
+    assert report["pixels"] == image.ravel().tolist()
     assert report["ort_version"] == web.PINNED
     sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     mean, std = input_normalisation(sess)
@@ -168,13 +175,18 @@ def test_mnist_page_matches_onnxruntime(browser, lenet_slot, mnist_root, tmp_pat
 
 
 @pytest.mark.slow
-def test_colour_page_matches_onnxruntime(browser, tmp_path):
+def test_colour_page_reads_an_image_file_and_matches_onnxruntime(browser, tmp_path):
+    """A 32x32 PNG, read as the page reads a dropped image, for a 3x32x32 model."""
+    from PIL import Image
+
     slot_path = _rgb_slot(tmp_path / "rgb.slot")
     folder = tmp_path / "site"
     assert _cli("export", slot_path, "--web", folder).exit_code == 0
     assert json.loads((folder / "model.json").read_text())["classes"][0] == "airplane"
     image = np.random.default_rng(2).integers(0, 256, (3, 32, 32), dtype=np.uint8)
-    _check_page(folder, slot_path, image, browser)
+    buffer = io.BytesIO()
+    Image.fromarray(image.transpose(1, 2, 0)).save(buffer, format="PNG")
+    _check_page(folder, slot_path, image, browser, png=buffer.getvalue())
 
 
 # ------------------------------------------------------------ the folder, without a browser
@@ -238,6 +250,14 @@ def test_folder_is_complete_or_absent_and_never_replaces_others(fake_ort, tmp_pa
     assert not (tmp_path / "never").exists()
     leftovers = [p.name for p in tmp_path.rglob("*slotpack*")]
     assert leftovers == [], leftovers
+
+
+def test_the_pin_is_one_version():
+    folder = Path(__file__).resolve().parents[1] / "runtime" / "web"
+    package = json.loads((folder / "package.json").read_text())
+    lock = json.loads((folder / "package-lock.json").read_text())
+    assert package["dependencies"]["onnxruntime-web"] == web.PINNED
+    assert lock["packages"]["node_modules/onnxruntime-web"]["version"] == web.PINNED
 
 
 def test_export_needs_one_output(tmp_path):

@@ -3,7 +3,8 @@
 // drawn on the pad or an image dropped on the page. Everything is loaded from this folder.
 //
 // Test hook: ?pixels=FILE&report=URL fetches FILE (uint8 pixels, [C, H, W] order) from this
-// origin, classifies it, and POSTs the result (float32 bits of the input and the logits, and the
+// origin (or ?image=FILE: an image file, read as a dropped one is), classifies it, and POSTs the
+// result (float32 bits of the input and the logits, and the
 // SHA-256 of every output) as JSON to URL, which must be on this origin too; &model=FILE loads
 // that ONNX file instead of model.json's (a graph that also outputs its decoded weights).
 "use strict";
@@ -191,7 +192,11 @@ function setUpPad() {
     if (pixels) submit(pixels);
   };
   pad.addEventListener("pointerdown", (e) => {
-    pad.setPointerCapture(e.pointerId);
+    try {
+      pad.setPointerCapture(e.pointerId); // keep the stroke when it leaves the pad
+    } catch {
+      // a pointer the browser does not track (synthetic events): draw without capture
+    }
     last = at(e);
     ctx.beginPath();
     ctx.arc(last[0], last[1], ctx.lineWidth / 2, 0, 2 * Math.PI);
@@ -269,9 +274,12 @@ async function testHook(params) {
   const report = params.get("report") && sameOrigin(params.get("report"));
   let body;
   try {
-    const response = await fetch(sameOrigin(params.get("pixels")));
-    if (!response.ok) throw new Error(`${params.get("pixels")}: HTTP ${response.status}`);
-    const pixels = new Uint8Array(await response.arrayBuffer());
+    const name = params.get("pixels") || params.get("image");
+    const response = await fetch(sameOrigin(name));
+    if (!response.ok) throw new Error(`${name}: HTTP ${response.status}`);
+    const pixels = params.get("pixels")
+      ? new Uint8Array(await response.arrayBuffer())
+      : await imagePixels(await response.blob());
     const out = await classify(pixels);
     show(pixels, out);
     const outputs = {};
@@ -290,6 +298,7 @@ async function testHook(params) {
       run_ms: out.runMs,
       prediction: out.prediction,
       probabilities: out.probabilities,
+      pixels: Array.from(pixels),
       input_bits: bits(out.input),
       logits_bits: bits(out.logits),
       outputs,
@@ -332,7 +341,7 @@ async function main() {
     }
     return;
   }
-  if (params.get("pixels")) await testHook(params);
+  if (params.get("pixels") || params.get("image")) await testHook(params);
 }
 
 main();
