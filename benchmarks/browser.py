@@ -61,12 +61,13 @@ def run_page(
     *,
     png: bytes | None = None,
     model: str | None = None,
+    again: int = 0,
     timeout: float = 120.0,
     browser: str | None = None,
 ) -> dict:
     """Open ``folder``'s page in headless Chromium on ``pixels`` (uint8 [C, H, W]) or on the
     image file ``png``; its report. ``model`` names another ONNX file in ``folder`` for the page
-    to load instead."""
+    to load instead; ``again`` asks it to time that many more session creations."""
     browser = browser or chromium()
     if browser is None:
         raise FileNotFoundError(
@@ -83,6 +84,8 @@ def run_page(
     url = f"http://127.0.0.1:{server.server_port}/index.html?{given}&report=report"
     if model is not None:
         url += f"&model={model}"
+    if again:
+        url += f"&again={again}"
     with tempfile.TemporaryDirectory(prefix="slotpack-chromium-") as profile:
         flags = [
             "--headless",

@@ -6,7 +6,9 @@
 // origin (or ?image=FILE: an image file, read as a dropped one is), classifies it, and POSTs the
 // result (float32 bits of the input and the logits, and the
 // SHA-256 of every output) as JSON to URL, which must be on this origin too; &model=FILE loads
-// that ONNX file instead of model.json's (a graph that also outputs its decoded weights).
+// that ONNX file instead of model.json's (a graph that also outputs its decoded weights); &again=N
+// creates the session N more times and reports how long each took (the first creation also
+// starts the wasm backend).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -306,6 +308,16 @@ async function testHook(params) {
   } catch (err) {
     body = { ok: false, error: String(err.message || err) };
   }
+  const again = Number(params.get("again") || 0);
+  if (body.ok && again > 0) {
+    body.create_again_ms = [];
+    for (let i = 0; i < again; i++) {
+      const t0 = performance.now();
+      const s = await ort.InferenceSession.create(state.model, { executionProviders: ["wasm"] });
+      body.create_again_ms.push(performance.now() - t0);
+      await s.release();
+    }
+  }
   body.ort_version = ort.env.versions ? ort.env.versions.web || ort.env.versions.common : null;
   body.user_agent = navigator.userAgent;
   if (report) await fetch(report, { method: "POST", body: JSON.stringify(body) });
@@ -327,8 +339,8 @@ async function main() {
     ort.env.wasm.numThreads = 1;
     ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
     const t0 = performance.now();
-    const model = params.get("model") ? sameOrigin(params.get("model")).href : state.config.onnx;
-    state.session = await ort.InferenceSession.create(model, { executionProviders: ["wasm"] });
+    state.model = params.get("model") ? sameOrigin(params.get("model")).href : state.config.onnx;
+    state.session = await ort.InferenceSession.create(state.model, { executionProviders: ["wasm"] });
     state.createMs = performance.now() - t0;
     status(`Ready: the model rebuilt its weights in ${(state.createMs / 1000).toFixed(1)} s.`);
     if (c === 1) setUpPad();
