@@ -83,6 +83,13 @@ def spec(name: str) -> DataSpec:
         ) from None
 
 
+def class_names(name: str | None, count: int) -> tuple[str, ...]:
+    """Names of a model's ``count`` classes: the data set's (CIFAR-10's words, MNIST's digits),
+    else the class numbers."""
+    names = {"cifar10": CIFAR10_LABEL_NAMES}.get(name or "", ())
+    return names if len(names) == count else tuple(str(i) for i in range(count))
+
+
 def split_indices(name: str) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) int64 indices into torchvision's full training set; fixed forever.
 
