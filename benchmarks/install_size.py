@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 from benchmarks.common import write_record
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the venv sees what it installed
 CUDA_PREFIXES = ("nvidia-", "cuda-", "triton")
 SOURCES = ("pyproject.toml", "README.md", "slotpack", "runtime", "converters")
 
@@ -103,8 +105,9 @@ def venv_closure(bin_: Path, requirement: str) -> dict:
     )
     code = "from pathlib import Path\n" + code
     out = subprocess.run(
-        [str(bin_ / "python"), "-c", code], capture_output=True, text=True, check=True, timeout=300
-    )
+        [str(bin_ / "python"), "-c", code],
+        capture_output=True, text=True, check=True, timeout=300, env=ENV,
+    )  # fmt: skip
     return json.loads(out.stdout)
 
 
@@ -112,7 +115,9 @@ def measure(folder: Path) -> dict:
     wheel = build_wheel(folder)
     venv = folder / "venv"
     bin_ = runtime_venv(wheel, venv)
-    torch = subprocess.run([str(bin_ / "python"), "-c", "import torch"], capture_output=True)
+    torch = subprocess.run(
+        [str(bin_ / "python"), "-c", "import torch"], capture_output=True, env=ENV
+    )
     runtime = venv_closure(bin_, ["slotpack"])
     # This tree's requirements (an installed slotpack's metadata may be another version's).
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

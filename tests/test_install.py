@@ -7,6 +7,7 @@ are recorded by ``python -m benchmarks.install_size``, not here.
 """
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from slotpack.runtime import rebuild
 from tests.helpers import trained_like
 
 pytestmark = pytest.mark.slow
+# The venv must see only what it installed: no PYTHONPATH pointing at a checkout.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +43,16 @@ def _run(bin_: Path, *args, cwd: Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
         cwd=cwd,  # not the checkout: only the installed wheel is importable
+        env=ENV,
     )
     assert r.returncode == 0, r.stderr
     return r
 
 
 def test_runtime_install_has_no_torch_and_runs_every_runtime_command(venv, mnist_root, tmp_path):
-    r = subprocess.run([str(venv / "python"), "-c", "import torch"], capture_output=True, text=True)
+    r = subprocess.run(
+        [str(venv / "python"), "-c", "import torch"], capture_output=True, text=True, env=ENV
+    )
     assert r.returncode != 0 and "No module named 'torch'" in r.stderr
     where = _run(venv, "python", "-c", "import slotpack; print(slotpack.__file__)", cwd=tmp_path)
     assert str(venv.parent) in where.stdout  # the wheel's copy, not the checkout
@@ -116,7 +122,7 @@ def test_runtime_install_has_no_torch_and_runs_every_runtime_command(venv, mnist
 
     r = subprocess.run(
         [str(venv / "slotpack"), "train", "--model", "lenet300100", "--out", "run"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, env=ENV,
     )  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == (
