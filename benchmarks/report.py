@@ -338,6 +338,50 @@ def pack_speed_section(records: list[dict[str, Any]]) -> list[str]:
     return out + ["", *_provenance(records), ""]
 
 
+def pack_run_section(records: list[dict[str, Any]]) -> list[str]:
+    if not records:
+        return []
+    out = [
+        "## `slotpack pack` of a run",
+        "",
+        "The whole command in a fresh process (imports included), medians of repeated runs on a "
+        "Lenet-300-100 K=8 checkpoint; `before` is an earlier commit's tree.",
+        "",
+        "| tree | wall s | CPU s | file bytes | same bytes |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in records:
+        for row in r["rows"]:
+            out.append(
+                f"| {row['tree']} | {row['seconds']:.2f} | {row['cpu_seconds']:.2f} | "
+                f"{row['file_bytes']:,} | {r['same_bytes']} |"
+            )
+    return out + ["", *_provenance(records), ""]
+
+
+def install_size_section(records: list[dict[str, Any]]) -> list[str]:
+    if not records:
+        return []
+    out = [
+        "## Install size",
+        "",
+        "`pip install slotpack` (runtime: built wheel, fresh venv) against `slotpack[train]` "
+        "(with torch); each side is the files of the distributions it pulls in.",
+        "",
+        "| runtime | runtime venv folder | full (with torch) | runtime / full | full without CUDA "
+        "libraries and triton | runtime / that | torch in runtime |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in records:
+        out.append(
+            f"| {r['runtime_bytes'] / 2**20:,.0f} MiB | {r['runtime_venv_folder_bytes'] / 2**20:,.0f} "
+            f"MiB | {r['full_bytes'] / 2**20:,.0f} MiB | {r['ratio']:.3f} | "
+            f"{r['full_bytes_without_cuda'] / 2**20:,.0f} MiB | {r['ratio_without_cuda']:.3f} | "
+            f"{'importable' if r['torch_importable_in_runtime_venv'] else 'not importable'} |"
+        )
+    return out + ["", *_provenance(records), ""]
+
+
 def ddp_section(records: list[dict[str, Any]]) -> list[str]:
     if not records:
         return []
@@ -392,6 +436,8 @@ def render(folder: Path = RESULTS) -> str:
     lines += accuracy_section(by_kind.get("accuracy", []), hybrid)
     lines += storage_section(by_kind.get("storage", []))
     lines += pack_speed_section(by_kind.get("pack_speed", []))
+    lines += pack_run_section(by_kind.get("pack_run", []))
+    lines += install_size_section(by_kind.get("install_size", []))
     lines += index_coding.section(
         by_kind.get("accuracy", []), by_kind.get("index_stats", []), by_kind.get("rebuild_time", [])
     )

@@ -2,12 +2,22 @@
 
 ``rebuild(path)`` turns a ``.slot`` file into dense float32 arrays (``iter_arrays`` one at a time,
 ``unpack`` streams them into a ``.npz``/``.safetensors`` file); ``session(path)`` gives an
-onnxruntime session for a ``.slot`` or ``.onnx`` file. A test imports this package with torch made
-unimportable.
+onnxruntime session for a ``.slot`` or ``.onnx`` file; ``classify(session, images)`` the most likely
+classes of image files. A test imports this package with torch made unimportable.
 """
 
 from .arrays import save_arrays, unpack
+from .images import classify
 from .rebuild import iter_arrays, rebuild
 from .session import evaluate, predict, session
 
-__all__ = ["evaluate", "iter_arrays", "predict", "rebuild", "save_arrays", "session", "unpack"]
+__all__ = [
+    "classify",
+    "evaluate",
+    "iter_arrays",
+    "predict",
+    "rebuild",
+    "save_arrays",
+    "session",
+    "unpack",
+]

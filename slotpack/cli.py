@@ -43,6 +43,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+TRAIN_EXTRA = "pip install 'slotpack[train]'"
+
+
 class _Group(click.Group):
     """Turns our exceptions (and the OS's) into one-line errors with exit code 2, never tracebacks."""
 
@@ -51,6 +54,13 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except SlotpackError as exc:
             raise _OneLineError(_first_line(exc)) from None
+        except ModuleNotFoundError as exc:  # the runtime-only install: training needs torch
+            if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
+                raise
+            raise _OneLineError(
+                f"`slotpack {ctx.invoked_subcommand}` needs torch, which the runtime-only "
+                f"install leaves out: {TRAIN_EXTRA}"
+            ) from None
         except OSError as exc:  # disk full, permission denied, ...: the user's to fix
             where = f"{exc.filename}: " if exc.filename else ""
             raise _OneLineError(f"{where}{exc.strerror or _first_line(exc)}") from None
@@ -118,7 +128,7 @@ def _per_layer(value: str, kind: type, hint: str) -> tuple:
 
 
 def _root(root: Path | None) -> Path:
-    from .data import default_root
+    from .datafiles import default_root
 
     return root if root is not None else default_root()
 
@@ -339,11 +349,10 @@ def eval_cmd(
     device: str,
 ) -> None:
     """Accuracy of a run folder or checkpoint (torch), or of a .slot/.onnx file (onnxruntime)."""
-    from . import data
-
     if target.suffix in (".slot", ".onnx"):
         record = _eval_ort(target, dataset, split, limit, batch_size, _root(root))
     else:
+        from . import data
         from .train import evaluate, load_model, resolve_device
 
         dev = resolve_device(device)
@@ -386,7 +395,7 @@ def _eval_ort(
 
     from tqdm import tqdm
 
-    from . import data
+    from .datafiles import load_arrays
     from .errors import ConfigError
     from .runtime import evaluate, session
     from .runtime.session import input_normalisation, recorded_dataset, signature
@@ -401,8 +410,7 @@ def _eval_ort(
         raise type(exc)(f"{target}: {exc}") from None
     if dataset is None:
         raise ConfigError(f"{target} does not record its data set; pass --dataset")
-    test = data.load(dataset, root, split, "cpu", limit=limit)
-    x, y = test.x.numpy(), test.y.numpy()
+    x, y, _ = load_arrays(dataset, root, split, limit)
     with tqdm(
         total=len(y),
         desc=f"onnxruntime {split}",
@@ -418,6 +426,55 @@ def _eval_ort(
         "split": split,
         **asdict(result),
     }
+
+
+@main.command("predict")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--top", type=click.IntRange(1), default=1, show_default=True, help="Classes per image."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON record.")
+def predict_cmd(model: Path, images: tuple[Path, ...], top: int, as_json: bool) -> None:
+    """Class and probability of image files (PNG, JPEG, ...) under a .slot or .onnx model, in
+    onnxruntime; images are converted and resized to the model's input (no torch)."""
+    from .errors import ConfigError
+    from .runtime import classify, session
+    from .runtime.session import ModelFileError, recorded_dataset
+
+    if model.suffix not in (".slot", ".onnx"):
+        raise ConfigError(f"{model}: predict takes a .slot or .onnx model file")
+    sess = session(model)
+    try:
+        predictions = classify(sess, images, top=top)
+    except ModelFileError as exc:  # image errors name their file already
+        raise ModelFileError(f"{model}: {exc}") from None
+    if as_json:
+        record = {
+            "model": str(model),
+            "engine": "onnxruntime",
+            "dataset": recorded_dataset(sess),
+            "predictions": [
+                {
+                    "image": p.image,
+                    "class": p.classes[0],
+                    "label": p.labels[0],
+                    "probability": p.probabilities[0],
+                    "top": [
+                        {"class": c, "label": name, "probability": prob}
+                        for c, name, prob in zip(p.classes, p.labels, p.probabilities, strict=True)
+                    ],
+                }
+                for p in predictions
+            ],
+        }
+        click.echo(json.dumps(record, sort_keys=True))
+        return
+    for p in predictions:
+        ranked = ", ".join(
+            f"{name} ({prob:.4f})" for name, prob in zip(p.labels, p.probabilities, strict=True)
+        )
+        click.echo(f"{p.image}: {ranked}")
 
 
 @main.command("export")
@@ -528,7 +585,7 @@ def pack_cmd(source: Path, output: Path, index_encoding: str, half: bool, force:
         info = PackInfo(len(blob), sum(w.count for w in slot.weights), dense)
         before = f" (was {slot.size:,} bytes, format version {slot.version})"
     else:
-        from .train import pack_checkpoint
+        from .checkpoint import pack_checkpoint
 
         blob, info = pack_checkpoint(
             source, encoding="float16" if half else "float32", index_encoding=index_encoding

@@ -1,66 +1,30 @@
-"""Data sets as whole uint8 tensors: torchvision's MNIST and CIFAR-10, fixed splits, GPU batches.
+"""Data sets as whole uint8 tensors: MNIST and CIFAR-10 in torchvision's layout, GPU batches.
 
-Everything is read through torchvision's own classes over a root folder, then held as one
-uint8 tensor (on the GPU if asked), so an epoch is a few index operations instead of a
-per-image DataLoader. ``slotpack.sources`` puts the files there; its ``fetch`` is re-exported
-here.
-
-The train/val split is fixed forever: ``split_indices`` sorts the indices of torchvision's
-training set by the project's generator (SplitMix64, ``prng.bits_np``) keyed with SPLIT_KEY and
-holds out the first ``val_fraction``. It depends on no RNG library, so it cannot change with
-torch or numpy versions.
+``slotpack.datafiles`` reads the files with numpy (the registry of specs and the fixed
+train/val split live there too, re-exported here); each split is then held as one uint8 tensor
+(on the GPU if asked), so an epoch is a few index operations instead of a per-image DataLoader.
+``slotpack.sources`` puts the files there; its ``fetch`` is re-exported here.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torchvision
 
-from slotpack import prng, sources
-from slotpack.errors import ConfigError, DataError, RegistryError
-from slotpack.sources import first_line, mnist_present, open_cifar10_offline, shown
-
-DATASETS: tuple[str, ...] = ("mnist", "cifar10")
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-
-# ASCII "slotpack": the generator key of the train/val split. Changing it changes every split.
-SPLIT_KEY = 0x736C6F747061636B
-
-_TRAIN_SIZE = {"mnist": 60_000, "cifar10": 50_000}  # torchvision's full training sets
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """What a model and a training loop need to know about a data set."""
-
-    name: str
-    num_classes: int
-    shape: tuple[int, int, int]  # (C, H, W)
-    mean: tuple[float, ...]  # per channel, of pixel/255 over the training set
-    std: tuple[float, ...]
-    val_fraction: float  # of torchvision's training set, held out as "val"
-    augment: bool  # random crop + flip in training batches
-
-    def __post_init__(self) -> None:
-        if len(self.mean) != self.shape[0] or len(self.std) != self.shape[0]:
-            raise ConfigError(f"data spec {self.name!r}: mean/std need one value per channel")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data spec {self.name!r}: val_fraction must be in (0, 1)")
-
-
-_SPECS = {
-    "mnist": DataSpec("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), 0.15, False),
-    # True per-pixel std of CIFAR-10 (not the often copied 0.2023, 0.1994, 0.2010).
-    "cifar10": DataSpec(
-        "cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 0.10, True
-    ),
-}
+from slotpack import datafiles, sources
+from slotpack.datafiles import (
+    DATASETS,
+    SPLIT_KEY,
+    SPLITS,
+    DataSpec,
+    default_root,
+    spec,
+    split_indices,
+)
+from slotpack.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -89,38 +53,10 @@ class TensorData:
         return self.x.shape[0]
 
 
-def default_root() -> Path:
-    """The data root: $SLOTPACK_DATA if set, else ./data."""
-    return Path(os.environ.get("SLOTPACK_DATA") or "data")
-
-
 def fetch(name: str, root: Path | str, *, progress: Callable[[str], None] | None = None) -> Path:
     """``sources.fetch`` for a registered name (a RegistryError lists the valid ones)."""
     spec(name)
     return sources.fetch(name, root, progress=progress)
-
-
-def spec(name: str) -> DataSpec:
-    """The DataSpec of a registered data set; RegistryError lists the valid names."""
-    try:
-        return _SPECS[name]
-    except (KeyError, TypeError):
-        raise RegistryError(
-            f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}"
-        ) from None
-
-
-def split_indices(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) int64 indices into torchvision's full training set; fixed forever.
-
-    perm = argsort(prng.bits_np(SPLIT_KEY, arange(n))); val = perm[:round(n * val_fraction)],
-    train = the rest, both in perm order (MNIST 51,000/9,000; CIFAR-10 45,000/5,000). SplitMix64
-    is a bijection of the counter, so the sort never meets a tie.
-    """
-    n = _TRAIN_SIZE[spec(name).name]
-    perm = np.argsort(prng.bits_np(SPLIT_KEY, np.arange(n)), kind="stable").astype(np.int64)
-    n_val = round(n * _SPECS[name].val_fraction)
-    return perm[n_val:], perm[:n_val]
 
 
 def load(
@@ -137,36 +73,12 @@ def load(
     ``limit`` keeps the first ``limit`` examples of the split. Missing data raises DataError
     naming the command that fetches it.
     """
-    data_spec = spec(name)
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"limit must be a positive number of examples, got {limit}")
-    root = Path(root)
-    reader = _read_mnist if name == "mnist" else _read_cifar10
-    x, y, present = reader(root, train=split != "test")
-
-    if split == "test":
-        rows = np.arange(len(y), dtype=np.int64)
-        index = rows
-    else:
-        # Map global indices to rows actually present (a partial offline CIFAR-10 copy holds
-        # only some batches); a partial split is then a subset of the full one, never another.
-        train_idx, val_idx = split_indices(name)
-        wanted = val_idx if split == "val" else train_idx
-        row_of = np.full(_TRAIN_SIZE[name], -1, dtype=np.int64)
-        row_of[present] = np.arange(len(present))
-        rows = row_of[wanted]
-        index = wanted[rows >= 0]
-        rows = rows[rows >= 0]
-    if limit is not None:
-        rows, index = rows[:limit], index[:limit]
-    rows_t = torch.from_numpy(rows)
+    x, y, index = datafiles.load_arrays(name, root, split, limit)
     return TensorData(
-        x=x[rows_t].contiguous().to(device),
-        y=y[rows_t].to(device),
-        spec=data_spec,
-        index=torch.from_numpy(np.ascontiguousarray(index)),
+        x=torch.from_numpy(x).to(device),
+        y=torch.from_numpy(y).to(device),
+        spec=spec(name),
+        index=torch.from_numpy(index),
     )
 
 
@@ -235,44 +147,10 @@ def batches(
 # ----------------------------------------------------------------------------- readers
 
 
-def _mnist_missing(root: Path) -> DataError:
-    return DataError(
-        f"MNIST not found under {shown(root)}: run `slotpack data mnist --root {shown(root)}`"
-    )
-
-
-def _read_mnist(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    if not mnist_present(root):
-        raise _mnist_missing(root)
-    try:
-        ds = torchvision.datasets.MNIST(root, train=train, download=False)
-    except (RuntimeError, OSError, ValueError, AssertionError) as exc:
-        raise DataError(
-            f"MNIST under {shown(root)} is unreadable ({first_line(exc)}): delete "
-            f"{shown(root / 'MNIST')} and run `slotpack data mnist --root {shown(root)}`"
-        ) from exc
-    expected = 60_000 if train else 10_000
-    if ds.data.shape != (expected, 28, 28):
-        raise DataError(
-            f"MNIST under {shown(root)} has shape {tuple(ds.data.shape)}, "
-            f"expected ({expected}, 28, 28)"
-        )
-    return ds.data.unsqueeze(1), ds.targets.to(torch.int64), np.arange(expected)
-
-
-def _read_cifar10(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    try:
-        ds: torchvision.datasets.CIFAR10 = torchvision.datasets.CIFAR10(root, train=train)
-        present = np.arange(len(ds.targets))
-    except RuntimeError:  # missing, or failed torchvision's md5s: maybe our offline copy
-        ds, present = open_cifar10_offline(root, train)
-    x = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))  # HWC -> CHW
-    return x, torch.tensor(ds.targets, dtype=torch.int64), present
-
-
 __all__ = [
     "DATASETS",
     "SPLITS",
+    "SPLIT_KEY",
     "DataSpec",
     "TensorData",
     "augment",

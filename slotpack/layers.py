@@ -200,8 +200,13 @@ class _SlotMixin(nn.Module):
         dtype = score_torch_dtype(score_dtype)
         self.bound = prng.glorot_bound(*fans)
         n = math.prod(weight_shape)
-        scores = prng.initial_scores_torch(seed, layer, n, k, self.bound, device, init=init)
-        if stick and selection == "greedy":
+        # On the meta device, shapes only: a skeleton that takes a checkpoint's tensors (packing).
+        meta = device is not None and torch.device(device).type == "meta"
+        if meta:
+            scores = torch.empty(n, k, device=device)
+        else:
+            scores = prng.initial_scores_torch(seed, layer, n, k, self.bound, device, init=init)
+        if stick and selection == "greedy" and not meta:
             # Rate-aware training: leaving the reference slot (the initial argmax, which a
             # reader regenerates) costs a margin of ``stick`` bounds, so only connections whose
             # gradient insists change, and the delta coding stores fewer changes (§2.6).
@@ -276,8 +281,9 @@ class _SlotMixin(nn.Module):
 
     # Eager even inside torch.compile: inductor folds the generator's 64-bit constants into
     # index arithmetic that overflows int64, and the kernel choice and its self-check must not be
-    # traced. The matmuls and convolutions around it are still compiled.
-    @torch.compiler.disable
+    # traced. The matmuls and convolutions around it are still compiled. (torch.compiler.disable
+    # would import torch._dynamo, 1.7 s, with this module; _disable_dynamo waits for the call.)
+    @torch._disable_dynamo
     def _lean_weight(self) -> torch.Tensor:
         fused = kernels.resolve(self.kernel, self.scores.device, self.k) == "triton"
         # The fused kernel takes the greedy argmax itself, in the same pass as the values.

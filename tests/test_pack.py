@@ -168,3 +168,35 @@ def test_dense_models_and_bad_inputs_are_refused():
         encode_selection(lenet, indices=[good[0], good[1], np.full(1000, 8)], **common)
     with pytest.raises(ConfigError, match="encoding"):
         encode_selection(lenet, indices=good, encoding="bfloat16", **common)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"model": "lenet300100"},
+        {"model": "lenet300100", "selection": "probabilistic", "init": "uniform"},
+        {"model": "lenet300100", "layer_k": (2, 8, 5), "rate": 0.5, "score_dtype": "bfloat16"},
+        {"model": "conv2", "k": 4, "seed": 7},
+    ],
+)
+def test_pack_checkpoint_writes_the_bytes_of_the_built_model_without_its_values(
+    options, tmp_path, monkeypatch
+):
+    """``pack`` of a run reads the scores off the checkpoint: no bank or initial scores are
+    generated, and the bytes are those of packing the model training used."""
+    from slotpack import checkpoint as C
+    from slotpack import prng
+
+    cfg = C.TrainConfig(**options)
+    model = _trained_like(C.build_model(cfg))
+    ckpt = {"slotpack_checkpoint": C.CHECKPOINT_VERSION, "config": cfg.to_dict(), "epoch": 2}
+    torch.save({**ckpt, "model": model.state_dict(), "val_acc": 0.5}, tmp_path / "best.pt")
+    loaded = C.load_checkpoint(tmp_path)
+    before = pack_model(C.model_from_checkpoint(loaded, "cpu"), metadata=C.run_metadata(loaded))
+
+    def generated(*args, **kwargs):
+        raise AssertionError("packing a checkpoint generated values")
+
+    for name in ("initial_scores_torch", "bank_torch", "values_range_torch"):
+        monkeypatch.setattr(prng, name, generated)
+    assert C.pack_checkpoint(tmp_path) == before

@@ -18,9 +18,9 @@ from slotpack import format as F
 from slotpack import models
 from slotpack.errors import ConfigError, OutputExistsError
 from slotpack.pack import pack_model
-from slotpack.runtime import iter_arrays, rebuild, save_arrays, unpack
+from slotpack.runtime import iter_arrays, predict, rebuild, save_arrays, unpack
 from slotpack.runtime.rebuild import layout
-from tests.helpers import one_line_failure, run_capped
+from tests.helpers import one_line_failure, run_capped, trained_like
 
 LINUX = pytest.mark.skipif(sys.platform != "linux", reason="needs RLIMIT_AS and /proc")
 
@@ -90,6 +90,88 @@ def test_unpack_cli_without_torch(conv6_file, tmp_path):
     arrays = load_file(out)
     for name, value in expected.items():
         assert np.array_equal(arrays[name], value)
+
+
+def _cli_without_torch(*args, cwd=None) -> subprocess.CompletedProcess:
+    """``slotpack ARGS`` as a user runs it, in a Python where ``import torch`` fails."""
+    code = NO_TORCH + "from slotpack.cli import main\nmain(prog_name='slotpack')\n"
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture(scope="module")
+def lenet_file(tmp_path_factory):
+    model = trained_like(models.create("lenet300100", 8, seed=4))
+    path = tmp_path_factory.mktemp("rt") / "lenet.slot"
+    F.write(path, pack_model(model, metadata={"dataset": "mnist"})[0])
+    return path
+
+
+def test_runtime_commands_without_torch(lenet_file, mnist_root, tmp_path):
+    """Every command that only reads files runs with torch unimportable, and gives what the
+    same command gives with torch (eval: the accuracy onnxruntime gets on the torch data path)."""
+    from PIL import Image
+
+    from slotpack import data
+    from slotpack.runtime import evaluate, session
+
+    d = tmp_path
+    for args in (
+        ["inspect", lenet_file, "--verify"],
+        ["unpack", lenet_file, "-o", d / "w.npz"],
+        ["export", lenet_file, "-o", d / "dense.onnx"],
+        ["export", lenet_file, "-o", d / "tiny.onnx", "--self-decoding"],
+        ["pack", lenet_file, "-o", d / "bits.slot", "--encoding", "bits"],
+    ):
+        r = _cli_without_torch(*args)
+        assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.load(d / "w.npz")["1.weight"], rebuild(lenet_file)["1.weight"])
+    assert rebuild(d / "bits.slot").keys() == rebuild(lenet_file).keys()
+    test = data.load("mnist", mnist_root, "test", limit=500)  # torch's data path
+    x, y = test.x.numpy(), test.y.numpy()
+    want = evaluate(session(lenet_file), x, y).accuracy
+    for target in (lenet_file, d / "dense.onnx", d / "tiny.onnx", d / "bits.slot"):
+        r = _cli_without_torch("eval", target, "--root", mnist_root, "--limit", 500, "--json")
+        assert r.returncode == 0, r.stderr
+        record = json.loads(r.stdout)
+        assert record["accuracy"] == want and record["count"] == 500, target
+    Image.fromarray(x[0, 0]).save(d / "digit.png")
+    r = _cli_without_torch("predict", d / "tiny.onnx", d / "digit.png", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["predictions"][0]["class"]
+    assert got == int(np.argmax(predict(session(lenet_file), normalize_mnist(x[:1]))))
+
+
+def normalize_mnist(x_uint8):
+    from slotpack.datafiles import spec
+    from slotpack.runtime.session import normalize
+
+    s = spec("mnist")
+    return normalize(x_uint8, np.float32(s.mean), np.float32(s.std))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--model", "lenet300100", "--out", "run"],
+        ["data", "mnist"],
+        ["demo", "--out", "demo"],
+        ["finetune", "run", "--out", "ft"],
+        ["eval", "run"],
+        ["pack", "run", "-o", "x.slot"],
+    ],
+    ids=lambda args: args[0],
+)
+def test_training_commands_without_torch_name_the_install(args, tmp_path):
+    (tmp_path / "run").mkdir()
+    r = _cli_without_torch(*args, cwd=tmp_path)
+    one_line_failure(r, f"`slotpack {args[0]}` needs torch", "pip install 'slotpack[train]'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written
 
 
 def test_save_arrays_formats_and_refusals(tmp_path):

@@ -1,0 +1,343 @@
+"""Run configs and checkpoints: what a run folder records, read safely, and packing it.
+
+``TrainConfig`` defines a run; checkpoints are plain dicts of tensors and primitives read with
+``torch.load(weights_only=True)``. This module needs torch but not the training loop or the data
+sets, so ``slotpack pack`` of a run imports neither (``slotpack.train`` re-exports it all).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import numbers
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__, models, prng
+from . import arch as A
+from .datafiles import spec
+from .errors import CheckpointError, ConfigError
+from .format import MAX_K
+from .layers import score_torch_dtype
+from .pack import PackInfo, pack_model
+
+CHECKPOINT_VERSION = 1
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the annotated type (ints count as floats, bools as neither; lists
+    as tuples, since JSON has no tuples); annotations this does not know are left to the checks."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int or hint is float:
+        number = numbers.Integral if hint is int else numbers.Real
+        return isinstance(value, number) and not isinstance(value, bool)
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple | list) and all(_type_ok(v, item) for v in value)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_types(cfg: Any) -> None:
+    """Every field of dataclass ``cfg`` has its annotated type, before any check compares or
+    allocates with it; lists become tuples."""
+    hints = _field_types(type(cfg))
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _type_ok(value, hints[f.name]):
+            raise ConfigError(
+                f"{f.name} must be {f.type}, got {type(value).__name__} {value!r:.60}"
+            )
+        if isinstance(value, list):
+            object.__setattr__(cfg, f.name, tuple(value))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run; ``None`` fields take the reference code's default per model."""
+
+    model: str
+    dataset: str | None = None
+    method: str = "slot"
+    k: int = 8
+    selection: str = "greedy"
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    schedule: str | None = None
+    milestones: tuple[int, ...] | None = None
+    gamma: float = 0.1
+    limit: int | None = None
+    eval_limit: int | None = None
+    init_from: str | None = None
+    lean: bool = False  # slot layers keep no value bank in memory (same results, less memory)
+    score_dtype: str = "float32"  # or "bfloat16": scores, their gradient and momentum
+    step_in_backward: bool = False  # SGD step per parameter inside backward (same results)
+    init: str = "onedraw"  # initial scores: "onedraw" or "uniform" (runs before format 2)
+    layer_k: tuple[int, ...] | None = None  # one K per weighted layer (overrides k)
+    rate: float = 0.0  # rate-aware margin of the reference slot, in layer bounds (0: none)
+    layer_rate: tuple[float, ...] | None = None  # one margin per weighted layer (overrides rate)
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        arch = A.get(self.model)
+        if self.dataset is not None:
+            spec(self.dataset)
+            if self.dataset != arch.dataset:
+                raise ConfigError(
+                    f"model {self.model} is defined for {arch.dataset}, not {self.dataset}"
+                )
+        if self.method not in models.METHODS:
+            raise ConfigError(
+                f"unknown method {self.method!r}; choose one of: {', '.join(models.METHODS)}"
+            )
+        if self.method == "slot" and not all(2 <= k <= MAX_K for k in (self.k, *self.ks)):
+            raise ConfigError(
+                f"K must be >= 2 and <= {MAX_K} (the most a .slot file holds), got "
+                f"{self.layer_k or self.k}"
+            )
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}"
+            )
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("limit", "eval_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.seed < 2**64:
+            raise ConfigError(f"seed must be in [0, 2**64), got {self.seed}")
+        score_torch_dtype(self.score_dtype)
+        if self.init not in prng.INITS:
+            raise ConfigError(f"unknown init {self.init!r}; choose one of: {', '.join(prng.INITS)}")
+        rates = (self.rate, *(self.layer_rate or ()))
+        if not all(r >= 0 and math.isfinite(r) for r in rates):
+            raise ConfigError(
+                f"--rate must be finite numbers >= 0, got {self.layer_rate or self.rate}"
+            )
+        if self.layer_rate is not None and len(self.layer_rate) != len(self.ks):
+            raise ConfigError(
+                f"{self.model} has {len(self.ks)} weighted layers; got {len(self.layer_rate)} rates"
+            )
+        if any(rates) and (self.method != "slot" or self.selection != "greedy"):
+            raise ConfigError("--rate applies to greedy slot models")
+        if self.method != "slot" and self.score_dtype != "float32":
+            raise ConfigError("--score-dtype applies to slot models; learned models have no scores")
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        """K of each weighted layer."""
+        if self.layer_k is None:
+            return (self.k,) * len(A.get(self.model).weighted)
+        return models.layer_ks(A.get(self.model), self.layer_k)
+
+    def resolved(self) -> TrainConfig:
+        """The same config with every default filled in from the reference code."""
+        arch = A.get(self.model)
+        lr = self.lr
+        if lr is None:
+            if self.method == "learned":
+                lr = 0.01
+            elif self.selection == "probabilistic":
+                lr = 25.0 if self.model == "conv6" else 50.0
+            else:
+                lr = 0.1 if max(self.ks) <= 8 else 0.01
+        vgg = self.model == "vgg19"
+        schedule = self.schedule or ("step" if vgg else "constant")
+        milestones = self.milestones if self.milestones is not None else ((80,) if vgg else ())
+        wd = self.weight_decay if self.weight_decay is not None else (1e-4 if vgg else 0.0)
+        return replace(
+            self,
+            dataset=arch.dataset,
+            lr=lr,
+            schedule=schedule,
+            milestones=tuple(milestones),
+            weight_decay=wd,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["milestones"] = list(self.milestones) if self.milestones is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TrainConfig:
+        """The config a checkpoint or config.json records; anything malformed (a non-dict, missing
+        or unknown keys, wrong types, values out of range) is a CheckpointError."""
+        if not isinstance(d, dict):
+            raise CheckpointError(f"config is a {type(d).__name__}, not a dict")
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise CheckpointError(f"config has unknown keys {sorted(map(str, unknown))}")
+        d = {"init": "uniform", **d}  # checkpoints written before "onedraw" existed
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        if required - set(d):
+            raise CheckpointError(f"config lacks {sorted(required - set(d))}")
+        try:
+            return cls(**d)
+        except ConfigError as exc:
+            raise CheckpointError(f"config: {exc}") from None
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Read a checkpoint file or a run folder's ``best.pt`` safely (no arbitrary unpickling)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path} (expected a run folder or a .pt file)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or foreign files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("slotpack_checkpoint") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} is not a slotpack checkpoint (version {CHECKPOINT_VERSION}); "
+            "train one with `slotpack train`"
+        )
+    for key in ("config", "model", "epoch"):
+        if key not in ckpt:
+            raise CheckpointError(f"checkpoint {path} lacks {key!r}")
+    problem = _checkpoint_problem(ckpt)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is malformed: {problem}")
+    try:
+        TrainConfig.from_dict(ckpt["config"])
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {path} is malformed: {exc}") from None
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
+    """What is wrong with the structure of a loaded checkpoint (its config aside), if anything."""
+    model = ckpt["model"]
+    if not isinstance(model, dict):
+        return f"'model' is a {type(model).__name__}, not a dict of tensors"
+    bad = [k for k, v in model.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        return f"'model' entry {str(bad[0])!r:.60} is not a named tensor"
+    if not _is_int(ckpt["epoch"]) or not 0 <= ckpt["epoch"] < 2**31:
+        return f"'epoch' must be an int in [0, 2**31), got {ckpt['epoch']!r:.60}"
+    for key in ("val_acc", "best_val"):
+        value = ckpt.get(key, 0.0)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return f"{key!r} must be a number, got {value!r:.60}"
+    return None
+
+
+def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> models.Net:
+    """The freshly initialised network a config describes."""
+    return models.create(
+        cfg.model,
+        cfg.layer_k or cfg.k,
+        method=cfg.method,
+        selection=cfg.selection,
+        seed=cfg.seed,
+        device=device,
+        lean=cfg.lean,
+        score_dtype=cfg.score_dtype,
+        init=cfg.init,
+        stick=cfg.layer_rate or cfg.rate,
+    )
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> models.Net:
+    """Rebuild the network a checkpoint describes (the bank is regenerated from the seed).
+
+    On the ``"meta"`` device nothing is generated: a lean skeleton takes the checkpoint's own
+    tensors (cast to each parameter's dtype, as loading into a built model would), which is
+    all packing needs."""
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    meta = torch.device(device).type == "meta"
+    model = build_model(replace(cfg, lean=True) if meta else cfg, device)
+    state = ckpt["model"]
+    if meta:
+        own = model.state_dict()
+        state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, assign=meta)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {ckpt['path']} does not fit model {cfg.model}: {str(exc).splitlines()[0]}"
+        ) from None
+    return model
+
+
+def load_model(
+    path: Path | str, device: torch.device | str = "cpu"
+) -> tuple[models.Net, TrainConfig]:
+    """The model and config of a run folder (best checkpoint) or checkpoint file."""
+    ckpt = load_checkpoint(path)
+    return model_from_checkpoint(ckpt, device), TrainConfig.from_dict(ckpt["config"])
+
+
+# ------------------------------------------------------------------------ packing a run
+
+
+def run_metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What a file records about its training run (free-form manifest metadata)."""
+    meta: dict[str, Any] = {
+        "model": ckpt["config"]["model"],
+        "dataset": ckpt["config"].get("dataset"),
+        "epoch": ckpt["epoch"] + 1,
+        "val_acc": ckpt.get("val_acc"),
+        "slotpack": ckpt.get("slotpack_version", __version__),
+        "config": ckpt["config"],
+    }
+    result = Path(ckpt["path"]).parent / "result.json"
+    if result.is_file():
+        try:
+            meta["test_acc"] = json.loads(result.read_text())["test_acc"]
+        except (OSError, ValueError, KeyError):
+            pass  # result.json is a convenience; a broken one is simply not recorded
+    return meta
+
+
+def pack_checkpoint(
+    path: Path | str, *, encoding: str = "float32", index_encoding: str = "auto"
+) -> tuple[bytes, PackInfo]:
+    """Pack a run folder (its best checkpoint) or a checkpoint file; loads it safely.
+
+    The network is built on torch's meta device (shapes, no values) and takes the checkpoint's
+    tensors in place of its parameters: packing needs the scores, never the K-value bank or the
+    initial scores, so nothing is generated (the bytes are those of ``pack_model`` on the model
+    training used)."""
+    ckpt = load_checkpoint(path)
+    if ckpt["config"].get("method") != "slot":
+        raise CheckpointError(
+            f"{ckpt['path']} holds a dense float32 model (--method {ckpt['config'].get('method')}); "
+            "only slot models pack into .slot files"
+        )
+    model = model_from_checkpoint(ckpt, "meta")
+    return pack_model(
+        model, metadata=run_metadata(ckpt), encoding=encoding, index_encoding=index_encoding
+    )
