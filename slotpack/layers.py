@@ -341,21 +341,40 @@ class SlotLinear(_SlotMixin):
         return self._with_weight(lambda w: F.linear(x, w, self.bias))
 
 
-class SlotConv2d(_SlotMixin):
-    """A 2-D convolution (stride, padding, dilation, groups) with slot-selected weights."""
+def _ntuple(value: int | tuple[int, ...], dims: int, what: str) -> tuple[int, ...]:
+    """``value`` repeated ``dims`` times, or the tuple itself when it has ``dims`` entries."""
+    t = (value,) * dims if isinstance(value, int) else tuple(value)
+    if len(t) != dims or not all(isinstance(v, int) and v > 0 for v in t):
+        raise ConfigError(f"{what} must be a positive int or {dims} positive ints, got {value!r}")
+    return t
+
+
+Padding = int | tuple[int, ...] | str
+
+
+class _SlotConvNd(_SlotMixin):
+    """A ``dims``-D convolution (zero padding) with slot-selected weights.
+
+    ``kernel_size``, ``stride`` and ``dilation`` are an int or one int per spatial dimension;
+    ``padding`` also "same" or "valid", as in torch. They are kept as given and passed to
+    torch's functional convolution, so a slot layer computes what the dense layer would.
+    """
+
+    _dims: int
+    _conv: Callable[..., torch.Tensor]
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int,
+        kernel_size: int | tuple[int, ...],
         k: int,
         *,
         seed: int,
         layer: int,
-        stride: int = 1,
-        padding: int = 0,
-        dilation: int = 1,
+        stride: int | tuple[int, ...] = 1,
+        padding: Padding = 0,
+        dilation: int | tuple[int, ...] = 1,
         groups: int = 1,
         selection: str = "greedy",
         bias: bool = False,
@@ -370,17 +389,37 @@ class SlotConv2d(_SlotMixin):
             raise ConfigError(
                 f"channels ({in_channels} in, {out_channels} out) must be divisible by groups={groups}"
             )
+        if isinstance(padding, str) and padding not in ("same", "valid"):
+            raise ConfigError(
+                f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}"
+            )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = kernel_size
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        rf = kernel_size * kernel_size
-        shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
-        fans = ((in_channels // groups) * rf, out_channels * rf)
+        kernel = _ntuple(kernel_size, self._dims, "kernel_size")
+        rf = math.prod(kernel)
+        shape = (out_channels, in_channels // groups, *kernel)
+        fans = ((in_channels // groups) * rf, out_channels * rf)  # torch's fan convention
         self._init_slots(
             shape, fans, k, seed, layer, selection, bias, device, lean, score_dtype, init, stick
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = type(self)._conv
         return self._with_weight(
-            lambda w: F.conv2d(
-                x, w, self.bias, self.stride, self.padding, self.dilation, self.groups
-            )
+            lambda w: conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         )
+
+
+class SlotConv2d(_SlotConvNd):
+    """A 2-D convolution (stride, padding, dilation, groups) with slot-selected weights."""
+
+    _dims = 2
+    _conv = staticmethod(F.conv2d)
+
+
+class SlotConv1d(_SlotConvNd):
+    """A 1-D convolution (stride, padding, dilation, groups) with slot-selected weights."""
+
+    _dims = 1
+    _conv = staticmethod(F.conv1d)
