@@ -279,6 +279,7 @@ def export(
     """
     from slotpack.runtime.rebuild import weight
 
+    slot.require_architecture("an ONNX export")
     g = _Graph(external)
     x = INPUT
     number = 0

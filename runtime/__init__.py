@@ -8,13 +8,14 @@ classes of image files. A test imports this package with torch made unimportable
 
 from .arrays import save_arrays, unpack
 from .images import classify
-from .rebuild import iter_arrays, rebuild
+from .rebuild import iter_arrays, load_state_dict, rebuild
 from .session import evaluate, predict, session
 
 __all__ = [
     "classify",
     "evaluate",
     "iter_arrays",
+    "load_state_dict",
     "predict",
     "rebuild",
     "save_arrays",

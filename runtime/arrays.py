@@ -36,7 +36,9 @@ def unpack(
         raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
     slot = source if isinstance(source, F.SlotFile) else F.read(source)
     shapes = layout(slot)
-    write_arrays(path, shapes, lambda name: array(slot, name), force=force)
+    ints = {name for name, s in slot.sections.items() if s.encoding == "int64"}
+    dtypes = {name: np.dtype(np.int64 if name in ints else np.float32) for name in shapes}
+    write_arrays(path, shapes, lambda name: array(slot, name), force=force, dtypes=dtypes)
     return shapes
 
 
@@ -50,7 +52,10 @@ def save_arrays(
     """Write float32 ``arrays`` to ``path`` (format from its suffix), atomically: never a partial
     file."""
     shapes = {name: np.shape(a) for name, a in arrays.items()}
-    return write_arrays(path, shapes, arrays.__getitem__, force=force, metadata=metadata)
+    dtypes = {name: np.asarray(a).dtype for name, a in arrays.items()}
+    return write_arrays(
+        path, shapes, arrays.__getitem__, force=force, metadata=metadata, dtypes=dtypes
+    )
 
 
 def write_arrays(
@@ -60,9 +65,11 @@ def write_arrays(
     *,
     force: bool = False,
     metadata: dict[str, str] | None = None,
+    dtypes: Mapping[str, np.dtype] | None = None,
 ) -> Path:
-    """Stream the float32 arrays ``shapes`` declares into ``path``, asking ``build(name)`` for
-    each one only when it is written and holding no other. Atomic, like :func:`save_arrays`."""
+    """Stream the arrays ``shapes`` declares into ``path``, asking ``build(name)`` for each one
+    only when it is written and holding no other. Atomic, like :func:`save_arrays`. Arrays are
+    float32 unless ``dtypes`` says int64 (weights-only files keep BatchNorm's batch counts)."""
     path = Path(path)
     _check_suffix(path)
     if metadata is not None and not all(
@@ -70,26 +77,30 @@ def write_arrays(
     ):
         raise ConfigError("array file metadata must map strings to strings")
     shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+    kinds = {name: np.dtype((dtypes or {}).get(name, np.float32)) for name in shapes}
+    for name, kind in kinds.items():
+        if kind not in (np.dtype(np.float32), np.dtype(np.int64)):
+            raise ConfigError(f"array {name} is {kind}: only float32 and int64 arrays are written")
     if "__metadata__" in shapes:
         raise ConfigError("an array cannot be named __metadata__ (safetensors reserves it)")
 
     def checked(name: str) -> np.ndarray:
-        got = build(name)
-        if not isinstance(got, np.ndarray) or got.dtype != np.float32 or got.shape != shapes[name]:
+        got, want = build(name), kinds[name]
+        if not isinstance(got, np.ndarray) or got.dtype != want or got.shape != shapes[name]:
             raise ConfigError(
-                f"array {name} must be float32 {list(shapes[name])}, got "
+                f"array {name} must be {want} {list(shapes[name])}, got "
                 f"{getattr(got, 'dtype', type(got).__name__)} {list(np.shape(got))}"
             )
-        return np.ascontiguousarray(got, dtype="<f4")
+        return np.ascontiguousarray(got, dtype=want.newbyteorder("<"))
 
     with replacing(path, force=force) as tmp:
         try:
             if path.suffix == ".safetensors":
-                _write_safetensors(tmp, shapes, checked, metadata)
+                _write_safetensors(tmp, shapes, kinds, checked, metadata)
             else:
                 _write_npz(tmp, shapes, checked)
         except MemoryError:
-            total = 4 * sum(math.prod(shape) for shape in shapes.values())
+            total = sum(kinds[n].itemsize * math.prod(shape) for n, shape in shapes.items())
             raise OutOfMemoryError(
                 f"out of memory writing {path.name} ({len(shapes)} arrays, {size_text(total)})"
             ) from None
@@ -120,7 +131,7 @@ def _write_npz(tmp: Path, shapes: dict, build: Callable[[str], np.ndarray]) -> N
 
 
 def _write_safetensors(
-    tmp: Path, shapes: dict, build: Callable[[str], np.ndarray], metadata: dict | None
+    tmp: Path, shapes: dict, kinds: dict, build: Callable[[str], np.ndarray], metadata: dict | None
 ) -> None:
     # safetensors' layout: u64 header length, JSON header padded with spaces to 8 bytes, then
     # the tensors back to back. The library orders float32 tensors by name; so does this.
@@ -128,8 +139,9 @@ def _write_safetensors(
     header: dict = {} if metadata is None else {"__metadata__": dict(sorted(metadata.items()))}
     offset = 0
     for name in order:
-        end = offset + 4 * math.prod(shapes[name])
-        header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, end]}
+        end = offset + kinds[name].itemsize * math.prod(shapes[name])
+        tag = "I64" if kinds[name] == np.dtype(np.int64) else "F32"
+        header[name] = {"dtype": tag, "shape": list(shapes[name]), "data_offsets": [offset, end]}
         offset = end
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)

@@ -35,6 +35,15 @@ def weight(slot: F.SlotFile, position: int) -> np.ndarray:
 def _entries(slot: F.SlotFile) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
     """name -> (shape, build) of every dense array, in layer order; nothing is built here."""
     out = {}
+    if slot.weights_only:  # every section is one state_dict entry, in the file's order (§2.8)
+        slots = {w.section: w for w in slot.weights}
+        for name, s in slot.sections.items():
+            if name in slots:
+                w = slots[name]
+                out[name] = (w.layer.weight_shape, lambda pos=w.position: weight(slot, pos))
+            else:
+                out[name] = (s.shape, lambda n=name: slot.tensor(n))
+        return out
     weighted = {pos for pos, *_ in slot.weighted()}
     for pos, (layer, roles) in enumerate(zip(slot.layers, slot.tensors, strict=True)):
         if pos in weighted:
@@ -78,6 +87,13 @@ def iter_arrays(
 def rebuild(source: Source, *, verify: bool = True) -> dict[str, np.ndarray]:
     """Dense float32 arrays by name from a ``.slot`` file: a path, its bytes, or already decoded."""
     return dict(iter_arrays(source, verify=verify))
+
+
+def load_state_dict(source: Source, *, verify: bool = True) -> dict[str, np.ndarray]:
+    """``{state_dict name: numpy array}`` of a ``.slot`` file, without torch: every slot weight
+    rebuilt (float32), every other tensor as stored (float16 widened to float32, int64 kept).
+    Zoo files name their tensors as the zoo's dense twin does (``1.weight``, ...)."""
+    return rebuild(source, verify=verify)
 
 
 def _decoded(source: Source, verify: bool = True) -> F.SlotFile:

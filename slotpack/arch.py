@@ -56,6 +56,24 @@ class Conv2d:
 
 
 @dataclass(frozen=True)
+class Weight:
+    """A slot weight of any layer, known only by its shape (weights-only files, §2.8): the fans
+    follow torch's convention, dimension 0 the outputs, 1 the inputs, the rest the kernel."""
+
+    shape: tuple[int, ...]
+    op: ClassVar[str] = "weight"
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    @property
+    def fans(self) -> tuple[int, int]:
+        rf = math.prod(self.shape[2:])
+        return self.shape[1] * rf, self.shape[0] * rf
+
+
+@dataclass(frozen=True)
 class ReLU:
     op: ClassVar[str] = "relu"
 

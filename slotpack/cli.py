@@ -634,7 +634,7 @@ def inspect_cmd(path: Path, as_json: bool, verify: bool) -> None:
         changed = f"{100 * r['changed_fraction']:7.2f}%" if weighted else ""
         bpc = f"{r['bits_per_connection']:9.3f}" if weighted else ""
         click.echo(
-            f"{r['position']:5d} {r['op']:10s} {'x'.join(map(str, r['shape'])):18s} {k:>5s} "
+            f"{r['position']:5d} {r.get('name', r['op']):10s} {'x'.join(map(str, r['shape'])):18s} {k:>5s} "
             f"{enc:>8s} {changed:>8s} {bpc:>9s} {r['bytes']:10,d} {r['ratio']:7.2f}x"
         )
     t = report["total"]

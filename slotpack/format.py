@@ -48,6 +48,7 @@ MAX_INT_DIGITS = 4300  # longest integer literal in a manifest, whatever the int
 MAX_ACTIVATION = 1 << 26
 SELECTIONS = ("greedy", "probabilistic")
 ENCODINGS = {"bits": 0, "float32": 4, "float16": 2}  # bytes per element (bits: packed)
+INT64 = {"int64": 8}  # version 2 weights-only files: integer buffers (BatchNorm's batch count)
 INDEX_ENCODINGS = {1: ("bits",), 2: ("bits", "delta")}
 MANIFEST_KEYS_V1 = {
     "format",
@@ -63,6 +64,11 @@ MANIFEST_KEYS_V1 = {
     "metadata",
 }
 MANIFEST_KEYS = {1: MANIFEST_KEYS_V1, 2: MANIFEST_KEYS_V1 - {"k", "index_bits"}}
+ARCHITECTURE_KEYS = {"input", "num_classes", "layers"}
+# version 2 weights-only files (§2.8): tensors by state_dict name, no architecture
+WEIGHTS_ONLY_KEYS = MANIFEST_KEYS[2] - ARCHITECTURE_KEYS | {"weights"}
+WEIGHT_KEYS = {"name", "shape", "k", "reference"}
+MAX_WEIGHT_DIMS = 5  # [out, in] up to [out, in, d, h, w]
 WEIGHTED_KEYS_V2 = {"k", "reference"}  # version 2: every weighted layer carries its own K
 SECTION_KEYS = {"name", "encoding", "shape", "offset", "length", "crc32"}
 DELTA_KEYS = {"changes", "gap_param", "rank_param"}  # and "gap_code" for Exp-Golomb gaps
@@ -135,7 +141,7 @@ class Weights:
 
     position: int
     number: int  # the generator's layer number (§1.2)
-    layer: A.Linear | A.Conv2d
+    layer: A.Linear | A.Conv2d | A.Weight  # A.Weight in weights-only files
     k: int
     reference: str  # "argmax", "onedraw" or "draw" (§1.8)
     section: str  # the indices section
@@ -172,6 +178,11 @@ class SlotFile:
         return int(self.manifest["generator"]["seed"], 16)
 
     @property
+    def weights_only(self) -> bool:
+        """True for a file of tensors by name without an architecture (§2.8)."""
+        return "weights" in self.manifest
+
+    @property
     def ks(self) -> tuple[int, ...]:
         """K of each weighted layer, in order."""
         return tuple(w.k for w in self.weights)
@@ -186,8 +197,17 @@ class SlotFile:
         """Bits of the fixed-width index encoding at that shared K (None when Ks differ)."""
         return B.bits_for(self.k) if self.k is not None else None
 
+    def require_architecture(self, what: str) -> None:
+        """ManifestError unless the file describes its network (``what`` needs to run it)."""
+        if self.weights_only:
+            raise ManifestError(
+                f"the file holds weights by name but no architecture, which {what} needs: "
+                "load them into your model with slotpack.load_state_dict (or unpack them)"
+            )
+
     @property
     def input_shape(self) -> tuple[int, ...]:
+        self.require_architecture("running the model")
         return tuple(self.manifest["input"]["shape"])
 
     def raw(self, name: str) -> memoryview:
@@ -223,8 +243,10 @@ class SlotFile:
         return B.pack(self.indices(name), B.bits_for(self.weights_of(name).k))
 
     def tensor(self, name: str) -> np.ndarray:
-        """A float section as a float32 array of its declared shape."""
+        """A float section as a float32 array of its declared shape (int64 sections as int64)."""
         s = self.sections[name]
+        if s.encoding == "int64":
+            return np.frombuffer(self.raw(name), dtype="<i8").astype(np.int64).reshape(s.shape)
         dtype = np.dtype("<f4") if s.encoding == "float32" else np.dtype("<f2")
         return np.frombuffer(self.raw(name), dtype=dtype).astype(np.float32).reshape(s.shape)
 
@@ -287,6 +309,57 @@ def encode(
         manifest_layers.append(entry)
     if set(order) != set(blobs):
         raise ValueError(f"sections {sorted(blobs)} do not match the layers' {sorted(order)}")
+    sections, payload = _lay_out(order, blobs)
+    manifest = {
+        "format": "slotpack",
+        "version": version,
+        "generator": {"id": GENERATOR_ID, "seed": f"{seed:016x}"},
+        "selection": selection,
+        "input": {"shape": list(input_shape), "mean": list(mean), "std": list(std)},
+        "num_classes": num_classes,
+        "layers": manifest_layers,
+        "sections": sections,
+        "metadata": metadata or {},
+    }
+    if version == 1:
+        manifest.update(k=ks[0] if ks else 2, index_bits=B.bits_for(ks[0] if ks else 2))
+    return _assemble(manifest, version, payload)
+
+
+def encode_weights(
+    *,
+    seed: int,
+    selection: str,
+    weights: list[tuple[str, tuple[int, ...], int, str]],
+    blobs: dict[str, tuple[str, tuple[int, ...], bytes | D.Delta]],
+    metadata: dict[str, Any] | None = None,
+) -> bytes:
+    """The bytes of a version 2 weights-only file (§2.8): tensors by state_dict name.
+
+    ``weights`` lists (name, shape, K, reference rule) of each slot weight, generator layer 0
+    first; ``blobs`` maps every tensor name, slot weights included, to (encoding, shape, bytes or
+    ``delta.Delta``), in the order the sections take (the state_dict's)."""
+    entries = [
+        {"name": name, "shape": list(shape), "k": k, "reference": rule}
+        for name, shape, k, rule in weights
+    ]
+    sections, payload = _lay_out(list(blobs), blobs)
+    manifest = {
+        "format": "slotpack",
+        "version": 2,
+        "generator": {"id": GENERATOR_ID, "seed": f"{seed:016x}"},
+        "selection": selection,
+        "weights": entries,
+        "sections": sections,
+        "metadata": metadata or {},
+    }
+    return _assemble(manifest, 2, payload)
+
+
+def _lay_out(
+    order: list[str], blobs: dict[str, tuple[str, tuple[int, ...], bytes | D.Delta]]
+) -> tuple[list[dict[str, Any]], bytes]:
+    """Section entries and the payload, sections 8-byte aligned in ``order``."""
     sections, payload, offset = [], bytearray(), 0
     for name in order:
         encoding, shape, data = blobs[name]
@@ -302,22 +375,13 @@ def encode(
         sections.append(entry)
         payload += data
         offset += len(data)
-    manifest = {
-        "format": "slotpack",
-        "version": version,
-        "generator": {"id": GENERATOR_ID, "seed": f"{seed:016x}"},
-        "selection": selection,
-        "input": {"shape": list(input_shape), "mean": list(mean), "std": list(std)},
-        "num_classes": num_classes,
-        "layers": manifest_layers,
-        "sections": sections,
-        "metadata": metadata or {},
-    }
-    if version == 1:
-        manifest.update(k=ks[0] if ks else 2, index_bits=B.bits_for(ks[0] if ks else 2))
+    return sections, bytes(payload)
+
+
+def _assemble(manifest: dict[str, Any], version: int, payload: bytes) -> bytes:
     text = canonical_json(manifest)
     head = _header(version, len(text), _crc(text), len(payload))
-    data = head + text + bytes(_align8(len(text)) - len(text)) + bytes(payload)
+    data = head + text + bytes(_align8(len(text)) - len(text)) + payload
     decode(data)  # the writer never emits a file its own reader refuses
     return data
 
@@ -583,7 +647,8 @@ def _parse_layer(entry: Any, pos: int, version: int) -> tuple[A.Layer, dict[str,
 
 
 def _validate(m: dict[str, Any], version: int, payload_length: int):
-    _keys(m, MANIFEST_KEYS[version], "manifest")
+    weights_only = version >= 2 and isinstance(m, dict) and "weights" in m
+    _keys(m, WEIGHTS_ONLY_KEYS if weights_only else MANIFEST_KEYS[version], "manifest")
     if m["format"] != "slotpack":
         raise ManifestError(f"manifest format is {_shown(m['format'])}, not 'slotpack'")
     if type(m["version"]) is not int or m["version"] != version:  # not true, not 1.0
@@ -609,6 +674,15 @@ def _validate(m: dict[str, Any], version: int, payload_length: int):
         raise ManifestError(
             f"selection {_shown(m['selection'])} is not one of {', '.join(SELECTIONS)}"
         )
+    if not isinstance(m["metadata"], dict):
+        raise ManifestError("metadata must be an object")
+    if weights_only:
+        weights = _named_weights(m["weights"])
+        sections = _validate_sections(m["sections"], weights, version, payload_length, INT64)
+        missing = [w.section for w in weights if w.section not in sections]
+        if missing:
+            raise ManifestError(f"weight {_shown(missing[0])} has no indices section")
+        return (), (), sections, weights
     inp = _keys(m["input"], {"shape", "mean", "std"}, "input")
     if not isinstance(inp["shape"], list) or len(inp["shape"]) != 3:
         raise ManifestError("input shape must be [C, H, W]")
@@ -620,8 +694,6 @@ def _validate(m: dict[str, Any], version: int, payload_length: int):
     if any(v <= 0 for v in inp["std"]):
         raise ManifestError("input std must be positive")
     num_classes = _int(m["num_classes"], "num_classes")
-    if not isinstance(m["metadata"], dict):
-        raise ManifestError("metadata must be an object")
     if not isinstance(m["layers"], list) or not m["layers"]:
         raise ManifestError("layers must be a non-empty list")
     parsed = [_parse_layer(entry, pos, version) for pos, entry in enumerate(m["layers"])]
@@ -666,13 +738,54 @@ def _weights(m: dict[str, Any], version: int, layers, tensors) -> tuple[Weights,
     return tuple(out)
 
 
+def _named_weights(entries: Any) -> tuple[Weights, ...]:
+    """The ``weights`` list of a weights-only file (§2.8): entry j is generator layer j."""
+    if not isinstance(entries, list) or not entries:
+        raise ManifestError("weights must be a non-empty list")
+    out, names = [], set()
+    for j, entry in enumerate(entries):
+        where = f"weight {j}"
+        _keys(entry, WEIGHT_KEYS, where)
+        name = entry["name"]
+        if not isinstance(name, str) or not name or name in names:
+            raise ManifestError(
+                f"{where}: name must be a unique non-empty string, got {_shown(name)}"
+            )
+        names.add(name)
+        shape = entry["shape"]
+        if not isinstance(shape, list) or not 2 <= len(shape) <= MAX_WEIGHT_DIMS:
+            raise ManifestError(
+                f"{where} ({name}): shape must list 2..{MAX_WEIGHT_DIMS} sizes [out, in, kernel...]"
+            )
+        dims = tuple(_int(v, f"{where} ({name}) shape") for v in shape)
+        if math.prod(dims) > MAX_DIM:
+            raise ManifestError(
+                f"{where} ({name}): {math.prod(dims):,} connections (most {MAX_DIM:,})"
+            )
+        k = _int(entry["k"], f"{where} ({name}) k", 2, MAX_K)
+        rule = entry["reference"]
+        if not isinstance(rule, str) or rule not in prng.REFERENCE_RULES:
+            raise ManifestError(
+                f"{where} ({name}): reference {_shown(rule)} is not one of "
+                f"{', '.join(prng.REFERENCE_RULES)}"
+            )
+        out.append(Weights(j, j, A.Weight(dims), k, rule, name))
+    return tuple(out)
+
+
 def _validate_sections(
-    entries: Any, weights: tuple[Weights, ...], version: int, payload_length: int
+    entries: Any,
+    weights: tuple[Weights, ...],
+    version: int,
+    payload_length: int,
+    extra: dict[str, int] | None = None,
 ) -> dict[str, Section]:
     if not isinstance(entries, list):
         raise ManifestError("sections must be a list")
     index_k = {w.section: w.k for w in weights}
-    known = (*ENCODINGS, *INDEX_ENCODINGS[version][1:])
+    counts = {w.section: w.count for w in weights}
+    element = {**ENCODINGS, **(extra or {})}
+    known = (*element, *INDEX_ENCODINGS[version][1:])
     sections: dict[str, Section] = {}
     expected_offset = 0
     for i, entry in enumerate(entries):
@@ -695,6 +808,12 @@ def _validate_sections(
         count = math.prod(shape)
         if encoding in ("bits", "delta") and len(shape) != 1:
             raise ManifestError(f"{where} ({name}): indices have shape [count]")
+        if name in counts and count != counts[name]:
+            raise LayoutError(
+                f"{where} ({name}): {count} indices for a weight of {counts[name]} connections"
+            )
+        if name in counts and encoding not in ("bits", "delta"):
+            raise ManifestError(f"{where} ({name}): a weight's section holds bits or delta indices")
         length = _int(entry["length"], f"{where} ({name}) length", 0, payload_length)
         offset = _int(entry["offset"], f"{where} ({name}) offset", 0, payload_length)
         crc = _int(entry["crc32"], f"{where} ({name}) crc32", 0, 0xFFFFFFFF)
@@ -705,7 +824,7 @@ def _validate_sections(
         elif encoding == "bits":
             expected = B.packed_length(count, B.bits_for(index_k[name]))
         else:
-            expected = count * ENCODINGS[encoding]
+            expected = count * element[encoding]
         if length != expected:
             raise LayoutError(
                 f"{where} ({name}): length {length} does not fit shape {list(shape)} ({expected} bytes)"

@@ -16,7 +16,10 @@ def summary(slot: F.SlotFile, *, verified: bool = False) -> dict[str, Any]:
     rows = []
     connections = dense = 0
     weights = {w.position: w for w in slot.weights}
-    for pos, (layer, roles) in enumerate(zip(slot.layers, slot.tensors, strict=True)):
+    pairs = [] if slot.weights_only else zip(slot.layers, slot.tensors, strict=True)
+    if slot.weights_only:
+        rows, connections, dense = _named_rows(slot)
+    for pos, (layer, roles) in enumerate(pairs):
         if not roles:
             continue
         nbytes = sum(slot.sections[name].length for name in roles.values())
@@ -39,17 +42,7 @@ def summary(slot: F.SlotFile, *, verified: bool = False) -> dict[str, Any]:
             "ratio": 4 * (n + values) / nbytes if nbytes else 0.0,
         }
         if w:
-            s = slot.sections[w.section]
-            changed = s.changes if s.encoding == "delta" else _changed(slot, w)
-            row.update(
-                encoding=s.encoding,
-                gap_code=s.gap_code if s.encoding == "delta" else None,
-                reference=w.reference,
-                changed=changed,
-                changed_fraction=changed / n if n else 0.0,
-                index_bytes=s.length,
-                bits_per_connection=8 * s.length / n if n else 0.0,
-            )
+            row.update(_index_columns(slot, w))
         rows.append(row)
     float32 = 4 * (connections + dense)
     total = {
@@ -74,6 +67,46 @@ def summary(slot: F.SlotFile, *, verified: bool = False) -> dict[str, Any]:
         "total": total,
         "metadata": slot.manifest["metadata"],
     }
+
+
+def _index_columns(slot: F.SlotFile, w: F.Weights) -> dict[str, Any]:
+    s, n = slot.sections[w.section], w.count
+    changed = s.changes if s.encoding == "delta" else _changed(slot, w)
+    return {
+        "encoding": s.encoding,
+        "gap_code": s.gap_code if s.encoding == "delta" else None,
+        "reference": w.reference,
+        "changed": changed,
+        "changed_fraction": changed / n if n else 0.0,
+        "index_bytes": s.length,
+        "bits_per_connection": 8 * s.length / n if n else 0.0,
+    }
+
+
+def _named_rows(slot: F.SlotFile) -> tuple[list[dict[str, Any]], int, int]:
+    """A weights-only file (§2.8): one row per tensor, by state_dict name, in file order."""
+    named = {w.section: w for w in slot.weights}
+    rows, connections, dense = [], 0, 0
+    for pos, (name, s) in enumerate(slot.sections.items()):
+        w = named.get(name)
+        n, values = (w.count, 0) if w else (0, s.count)
+        connections, dense = connections + n, dense + values
+        row: dict[str, Any] = {
+            "position": pos,
+            "name": name,
+            "op": "slot" if w else s.encoding,
+            "shape": list(w.layer.weight_shape if w else s.shape),
+            "k": w.k if w else None,
+            "bits": B.bits_for(w.k) if w else None,
+            "connections": n,
+            "dense_values": values,
+            "bytes": s.length,
+            "ratio": 4 * (n + values) / s.length if s.length else 0.0,
+        }
+        if w:
+            row.update(_index_columns(slot, w))
+        rows.append(row)
+    return rows, connections, dense
 
 
 def _changed(slot: F.SlotFile, w: F.Weights) -> int:

@@ -59,7 +59,7 @@ def encode_indices(
     *,
     seed: int,
     number: int,
-    layer: A.Linear | A.Conv2d,
+    layer: A.Linear | A.Conv2d | A.Weight,
     k: int,
     reference: str,
     encoding: str = "auto",
@@ -174,7 +174,96 @@ def repack(
         ) from None
 
 
+@dataclass(frozen=True)
+class NamedWeight:
+    """One slot weight of a weights-only file: its state_dict name, shape, K, reference rule,
+    and the flat indices evaluation uses (entry j of the list is generator layer j)."""
+
+    name: str
+    shape: tuple[int, ...]
+    k: int
+    reference: str
+    index: np.ndarray
+
+
+def encode_named(
+    weights: list[NamedWeight],
+    tensors: dict[str, np.ndarray],
+    *,
+    seed: int,
+    selection: str,
+    order: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    encoding: str = "float32",
+    index_encoding: str = "auto",
+) -> bytes:
+    """Weights-only file bytes (docs/FORMAT.md §2.8): slot weights and other tensors by
+    state_dict name, in ``order`` (default: the weights, then ``tensors``). Floating tensors
+    are stored as ``encoding``; integer ones (BatchNorm's batch count) as int64."""
+    if encoding not in ENCODINGS:
+        raise ConfigError(
+            f"unknown tensor encoding {encoding!r}; choose one of: {', '.join(ENCODINGS)}"
+        )
+    if index_encoding not in INDEX_ENCODINGS:
+        raise ConfigError(
+            f"unknown index encoding {index_encoding!r}; choose one of: {', '.join(INDEX_ENCODINGS)}"
+        )
+    blobs: dict[str, tuple[str, tuple[int, ...], bytes | D.Delta]] = {}
+    for number, w in enumerate(weights):
+        idx = np.asarray(w.index).reshape(-1)
+        if idx.size != math.prod(w.shape):
+            raise ConfigError(f"{w.name}: {idx.size} indices for {math.prod(w.shape)} connections")
+        if not 2 <= w.k <= F.MAX_K:
+            raise ConfigError(f"{w.name}: K must be in 2..{F.MAX_K}, got {w.k}")
+        if idx.size and (idx.min() < 0 or idx.max() >= w.k):
+            raise ConfigError(f"{w.name}: indices must lie in [0, {w.k})")
+        kind, data = encode_indices(
+            idx, seed=seed, number=number, layer=A.Weight(tuple(w.shape)), k=w.k,
+            reference=w.reference, encoding=index_encoding,
+        )  # fmt: skip
+        blobs[w.name] = (kind, (idx.size,), data)
+    dtype = np.dtype("<f4") if encoding == "float32" else np.dtype("<f2")
+    for name, array in tensors.items():
+        array = np.asarray(array)
+        if name in blobs:
+            raise ConfigError(f"tensor {name} is also a slot weight")
+        if array.dtype.kind in "iub":
+            blobs[name] = ("int64", array.shape, array.astype("<i8").tobytes())
+        elif array.dtype.kind == "f":
+            blobs[name] = (encoding, array.shape, array.astype(np.float32).astype(dtype).tobytes())
+        else:
+            raise ConfigError(f"tensor {name} is {array.dtype}: only numbers can be stored")
+    order = order or list(blobs)
+    if sorted(order) != sorted(blobs):
+        raise ConfigError("order must list every weight and tensor exactly once")
+    return F.encode_weights(
+        seed=seed,
+        selection=selection,
+        weights=[(w.name, tuple(w.shape), w.k, w.reference) for w in weights],
+        blobs={name: blobs[name] for name in order},
+        metadata=metadata,
+    )
+
+
+def _repack_named(source: F.SlotFile, index_encoding: str, encoding: str | None) -> bytes:
+    slots = {w.section for w in source.weights}
+    tensors = {n: source.tensor(n) for n in source.sections if n not in slots}
+    floats = {s.encoding for n, s in source.sections.items() if n in tensors} - {"int64"}
+    weights = [
+        NamedWeight(w.section, w.layer.weight_shape, w.k, w.reference, source.indices(w.section))
+        for w in source.weights
+    ]
+    return encode_named(
+        weights, tensors, seed=source.seed, selection=source.manifest["selection"],
+        order=list(source.sections), metadata=source.manifest["metadata"],
+        encoding=encoding or ("float16" if floats == {"float16"} else "float32"),
+        index_encoding=index_encoding,
+    )  # fmt: skip
+
+
 def _repack(source: F.SlotFile, index_encoding: str, encoding: str | None) -> bytes:
+    if source.weights_only:
+        return _repack_named(source, index_encoding, encoding)
     arch = A.Arch(
         "file", str(source.manifest["metadata"].get("dataset", "")), source.input_shape,
         source.layers, source.manifest["num_classes"],

@@ -11,7 +11,7 @@ from torch import nn
 from slotpack import models, prng
 from slotpack.errors import ConfigError
 from slotpack.layers import SlotConv1d, SlotConv2d, SlotLinear
-from slotpack.slotify import (
+from slotpack.modules import (
     dense_state_dict,
     param_groups,
     select_layers,
