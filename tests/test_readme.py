@@ -13,7 +13,7 @@ def _blocks(lang: str) -> list[str]:
 
 
 def test_python_example_runs():
-    (example,) = _blocks("python")
+    example, _ = _blocks("python")
     scope: dict = {}
     exec(compile(example, str(README), "exec"), scope)  # the README's own code, as a user runs it
     assert scope["logits"].shape == (5, 10)
@@ -21,6 +21,20 @@ def test_python_example_runs():
     assert isinstance(scope["dense"][1], torch.nn.Linear)
     assert scope["info"].size == len(scope["blob"]) <= 101_500
     assert torch.equal(torch.from_numpy(scope["weights"]["1.weight"]), scope["model"][1].weight())
+
+
+def test_your_own_model_example_runs(tmp_path, monkeypatch):
+    """The "Your own model" block: resnet18 slotified, saved, loaded into its dense twin."""
+    _, example = _blocks("python")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(example, str(README), "exec"), scope)
+    slot, dense = scope["slot"], scope["dense"]
+    dense.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(slot(x), dense(x))
+    assert (tmp_path / "resnet18.slot").stat().st_size < 200_000  # 11.2M connections, untrained
 
 
 def test_ci_runs_the_readme_test_command():
