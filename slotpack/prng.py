@@ -312,18 +312,24 @@ def slots_at_ranks_np(
 ) -> np.ndarray:  # fmt: skip
     """Inverse of :func:`ranks_np`: the slot at rank ``ranks`` (1..K-1) of each connection.
 
-    Rank 1 (the runner-up, most changes) is one argmin; only later ranks need a sort."""
+    Rank 1 (the runner-up, most changes) is the first maximum of the draws with the reference
+    left out; a later rank r is the r-th smallest order key, whose low 16 bits are its slot."""
     out = np.empty(positions.size, dtype=np.int64)
     step = max(1, (NP_BLOCK * 4) // k)
+    slots = np.arange(k, dtype=np.int64)
     for a in range(0, positions.size, step):
-        keys = _order_keys(seed, layer, positions[a : a + step], k, rule)
+        q = _order_grid_np(seed, layer, positions[a : a + step], k, rule).view(np.int64)
         want = ranks[a : a + step]
-        keys[np.arange(want.size), ref[a : a + step]] = np.iinfo(np.int64).max
-        first = keys.argmin(1)
+        q[np.arange(want.size), ref[a : a + step]] = -1  # never before any other slot
+        first = q.argmax(1)  # ties: the lower slot, as the order says
         later = np.flatnonzero(want > 1)
         if later.size:
-            order = np.argsort(keys[later], axis=1)
-            first[later] = order[np.arange(later.size), want[later] - 1]
+            keys = ((1 << MANTISSA_BITS) - 1 - q[later]) << 16  # decreasing draw first
+            keys |= slots  # then increasing slot (K <= 2**16)
+            for r in np.unique(want[later]):
+                rows = np.flatnonzero(want[later] == r)
+                kth = np.partition(keys[rows], int(r) - 1, axis=1)[:, int(r) - 1]
+                first[later[rows]] = kth & 0xFFFF
         out[a : a + step] = first
     return out
 
