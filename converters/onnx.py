@@ -72,15 +72,16 @@ class _Graph:
     external data file), so a large graph is never copied whole on the way to the file.
     """
 
-    def __init__(self, external: ExternalData | None = None) -> None:
+    def __init__(self, external: ExternalData | None = None, prefix: str = "") -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.model = onnx.ModelProto()
         self.external = external
+        self.prefix = prefix  # keeps names apart from those of a graph the nodes join
         self._count = 0
 
     def name(self, hint: str) -> str:
         self._count += 1
-        return f"{hint}{self._count}"
+        return f"{self.prefix}{hint}{self._count}"
 
     def const(
         self, value: np.ndarray | int | float, dtype: np.dtype | type, hint: str = "c"

@@ -140,6 +140,32 @@ def test_cli_on_a_weights_only_file(tmp_path):
     assert (tmp_path / "auto.slot").read_bytes() == (tmp_path / "m.slot").read_bytes()
 
 
+@pytest.mark.parametrize("seed", [3, 4])
+def test_export_onnx_dense_and_self_decoding(tmp_path, seed):
+    """onnxruntime against torch; the self-decoding graph regenerates the very weights the dense
+    one stores, so their outputs agree bit for bit; batch size is dynamic."""
+    import onnxruntime as ort
+
+    model = trained(seed=seed)
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x).numpy()
+    outs = {}
+    for self_decoding in (False, True):
+        path = slotpack.export_onnx(model, x[:1], tmp_path / f"{self_decoding}.onnx", self_decoding=self_decoding)  # fmt: skip
+        sess = ort.InferenceSession(str(path))
+        outs[self_decoding] = sess.run(None, {"input": x.numpy()})[0]
+        np.testing.assert_allclose(outs[self_decoding], want, rtol=1e-5, atol=1e-6)
+        assert np.array_equal(outs[self_decoding].argmax(1), want.argmax(1))
+    assert np.array_equal(outs[False].view(np.uint32), outs[True].view(np.uint32))
+
+
+def test_export_onnx_needs_slot_layers(tmp_path):
+    with pytest.raises(slotpack.ConfigError, match="no slot layers"):
+        slotpack.export_onnx(Net(), torch.randn(1, 3, 8, 8), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_one_seed_and_selection_per_file():
     a = slotpack.slotify(nn.Sequential(nn.Linear(4, 4)), k=2, seed=1)
     with pytest.raises(slotpack.ConfigError, match="no slot layers"):

@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -35,6 +36,13 @@ def test_your_own_model_example_runs(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(slot(x), dense(x))
     assert (tmp_path / "resnet18.slot").stat().st_size < 200_000  # 11.2M connections, untrained
+    import onnxruntime as ort
+
+    assert (tmp_path / "resnet18.onnx").stat().st_size < 5_000_000  # 3-bit indices, not floats
+    sess = ort.InferenceSession(str(tmp_path / "resnet18.onnx"))
+    got = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.array_equal(got.argmax(1), slot(x).numpy().argmax(1))
 
 
 def test_ci_runs_the_readme_test_command():
