@@ -216,8 +216,11 @@ if __name__ == "__main__":
 # ----------------------------------------------------------------------------- RESULTS.md
 
 
-def section(accuracy: list[dict], index_stats: list[dict], rebuild: list[dict]) -> list[str]:
-    """The index-coding part of RESULTS.md: the frontier, the change statistics, decode time."""
+def section(
+    accuracy: list[dict], index_stats: list[dict], rebuild: list[dict], zero_slot: list[dict] = ()
+) -> list[str]:
+    """The index-coding part of RESULTS.md: the frontier, the change statistics, decode time,
+    and the options measured and dropped (zero slot)."""
     from benchmarks.plots import LENET_ANCHORS, frontier_points
 
     lines = ["## Index coding: storing only what training changed", ""]
@@ -269,6 +272,18 @@ def section(accuracy: list[dict], index_stats: list[dict], rebuild: list[dict]) 
                     f"| {row['delta_rank_input_context']:.3f} | {row['coded_bits']:.3f} |"
                 )
         lines.append("")
+    for rec in zero_slot:
+        cfg = rec["config"]
+        lines += [
+            f"Zero slot, measured and dropped (`python -m benchmarks.zero_slot`, {rec['date']}): "
+            f"Lenet-300-100 K={cfg['k']}, rate {cfg['rate']:g}, {cfg['epochs']} epochs, seed "
+            f"{cfg['seed']}, slot 0 of every connection fixed at 0: {100 * rec['test_acc']:.2f}% "
+            f"(torch) at {rec['bits_per_connection']:.3f} bits per connection, "
+            f"{100 * rec['zero_fraction']:.1f}% of connections at zero, "
+            f"{100 * rec['changed_fraction']:.1f}% changed. Compare the same config without it "
+            "in the frontier table above.",
+            "",
+        ]
     for rec in rebuild:
         lines += [
             f"Rebuild time of VGG-19 K=8 (20.0M connections, synthetic trained-like indices), "

@@ -439,7 +439,10 @@ def render(folder: Path = RESULTS) -> str:
     lines += pack_run_section(by_kind.get("pack_run", []))
     lines += install_size_section(by_kind.get("install_size", []))
     lines += index_coding.section(
-        by_kind.get("accuracy", []), by_kind.get("index_stats", []), by_kind.get("rebuild_time", [])
+        by_kind.get("accuracy", []),
+        by_kind.get("index_stats", []),
+        by_kind.get("rebuild_time", []),
+        by_kind.get("zero_slot", []),
     )
     lines += onnx_bench.section(by_kind.get("onnx", []))
     lines += web_bench.section(by_kind.get("web", []))
