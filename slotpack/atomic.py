@@ -10,6 +10,8 @@ Readers never see a half-written file, and a failure leaves any earlier file unt
 - **Temporaries:** ``.<name>.<random>.slotpack.tmp`` beside the target, held under an exclusive
   ``flock`` by their writer for as long as it writes. A killed writer's lock dies with it, so
   every later write into the folder removes the temporaries nobody holds (``clean_stale``).
+- **Output names:** ``check_output`` is what a command checks before any work: ``-o`` names a
+  file (not a folder, no trailing slash) in a folder that exists, never one of the inputs.
 - **Locks:** ``exclusive`` holds a lock file for a block (one writer per run folder); a lock of a
   dead process never blocks, because the kernel releases ``flock`` locks with their process.
 
@@ -26,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InUseError, OutputExistsError
+from .errors import ConfigError, InUseError, OutputExistsError
 
 try:
     import fcntl
@@ -156,6 +158,47 @@ def replacing(path: Path | str, *, force: bool = True) -> Iterator[Path]:
     finally:
         Path(tmp).unlink(missing_ok=True)
         os.close(fd)
+
+
+def check_output(
+    output: Path | str,
+    *,
+    inputs: tuple[Path | str, ...] = (),
+    force: bool = False,
+    suffix: str = "",
+    stem: str | None = None,
+) -> Path:
+    """Check an output file name before any work; return it as a Path.
+
+    ConfigError if it names a folder (an existing one, or any name ending in a slash), if its
+    folder does not exist (nothing creates it silently), or if it is one of ``inputs`` (the same
+    file, also through a symlink or hard link), which even ``force`` never overwrites;
+    OutputExistsError if it exists without ``force``. ``stem`` (default: the first input's) and
+    ``suffix`` make the hint for a folder concrete."""
+    text = os.fspath(output)
+    path = Path(text)
+    seps = tuple(s for s in (os.sep, os.altsep) if s)
+    if text.endswith(seps) or path.is_dir():
+        stem = stem or (Path(os.fspath(inputs[0])).stem if inputs else "model")
+        example = Path(text.rstrip("".join(seps)) or ".") / f"{stem}{suffix or '.out'}"
+        raise ConfigError(f"{text} is a folder; name the file to write in it, e.g. -o {example}")
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ConfigError(f"cannot write {text}: folder {folder} {what}; create it first")
+    for source in inputs:
+        try:
+            same = os.path.samefile(source, path)
+        except OSError:  # one of them does not exist (or cannot be looked at): not the same
+            same = False
+        if same:
+            raise ConfigError(
+                f"{text} is the input file {os.fspath(source)}; the output must be another file "
+                "(even with --force)"
+            )
+    if not force and os.path.lexists(path):
+        raise OutputExistsError(f"{text} exists; pass --force to overwrite it")
+    return path
 
 
 def write_bytes(path: Path | str, data: bytes, *, force: bool = True) -> Path:

@@ -565,20 +565,19 @@ def _export_web(path: Path, folder: Path, ort_web: Path | None, force: bool) -> 
     "--float16", "half", is_flag=True, help="Store dense tensors (BatchNorm, biases) as float16."
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-def pack_cmd(source: Path, output: Path, index_encoding: str, half: bool, force: bool) -> None:
+def pack_cmd(source: Path, output: str, index_encoding: str, half: bool, force: bool) -> None:
     """Pack a run folder (its best checkpoint) or checkpoint file into a .slot file, or
     re-encode an existing .slot file (version 1 or 2) losslessly."""
-    from .atomic import write_bytes
-    from .errors import ConfigError, OutputExistsError
+    from .atomic import check_output, write_bytes
 
-    if output.exists() and not force:  # before the work, and again atomically when writing
-        raise OutputExistsError(f"{output} exists; pass --force to overwrite it")
+    read = source / "best.pt" if source.is_dir() else source  # before the work, and again
+    output = check_output(  # when writing
+        output, inputs=(read,), force=force, suffix=".slot", stem=source.resolve().stem
+    )
     if source.is_file() and _is_slot(source):
         from . import format as F
         from .pack import PackInfo, repack
 
-        if output.exists() and output.resolve() == source.resolve():
-            raise ConfigError(f"{output} is the source file; write the re-encoded file elsewhere")
         slot = F.read(source)
         blob = repack(slot, index_encoding=index_encoding, encoding="float16" if half else None)
         dense = sum(s.count for s in slot.sections.values() if s.encoding.startswith("float"))
@@ -658,16 +657,19 @@ def inspect_cmd(path: Path, as_json: bool, verify: bool) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(),
     required=True,
-    help="A .safetensors or .npz file.",
+    help="A .safetensors or .npz file (its folder must exist).",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-def unpack_cmd(path: Path, output: Path, force: bool) -> None:
+def unpack_cmd(path: Path, output: str, force: bool) -> None:
     """Rebuild the dense float32 weights of a .slot file into .safetensors or .npz (no torch)."""
     import math
 
+    from .atomic import check_output
     from .runtime import unpack
+
+    output = check_output(output, inputs=(path,), force=force, suffix=".safetensors")
 
     shapes = unpack(path, output, force=force)  # streamed: one array in memory at a time
     total = sum(math.prod(shape) for shape in shapes.values())
