@@ -334,8 +334,9 @@ def pack_checkpoint(
     ckpt = load_checkpoint(path)
     if ckpt["config"].get("method") != "slot":
         raise CheckpointError(
-            f"{ckpt['path']} holds a dense float32 model (--method {ckpt['config'].get('method')}); "
-            "only slot models pack into .slot files"
+            f"{ckpt['path']} holds a float32 model (--method {ckpt['config'].get('method')}), "
+            f"which has no slots to pack; export it to ONNX instead: `slotpack export {path} -o "
+            "model.onnx`"
         )
     model = model_from_checkpoint(ckpt, "meta")
     return pack_model(

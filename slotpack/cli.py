@@ -478,8 +478,10 @@ def predict_cmd(model: Path, images: tuple[Path, ...], top: int, as_json: bool) 
 
 
 @main.command("export")
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", type=click.Path(), help="The .onnx file to write (its folder must exist)."
+)
 @click.option(
     "--self-decoding",
     is_flag=True,
@@ -500,14 +502,15 @@ def predict_cmd(model: Path, images: tuple[Path, ...], top: int, as_json: bool) 
 @click.option("--force", is_flag=True, help="Overwrite an existing output file (or page folder).")
 def export_cmd(
     path: Path,
-    output: Path | None,
+    output: str | None,
     self_decoding: bool,
     web: Path | None,
     ort_web: Path | None,
     force: bool,
 ) -> None:
-    """Export a .slot file to ONNX (dense float32 weights, or --self-decoding), or a --web page."""
-    from .converters.onnx import data_path, export_file
+    """Export a .slot file to ONNX (dense float32 weights, or --self-decoding), or a --web page;
+    or a float32 run (--method learned, or finetuned: its folder or a checkpoint) to dense ONNX."""
+    from .atomic import check_output
     from .errors import ConfigError
 
     if (output is None) == (web is None):
@@ -517,6 +520,24 @@ def export_cmd(
     if web is not None:
         _export_web(path, web, ort_web, force)
         return
+    if _is_checkpoint(path):
+        from .pipeline import export_checkpoint
+
+        checkpoint = path / "best.pt" if path.is_dir() else path
+        out = check_output(
+            output, inputs=(checkpoint,), force=force, suffix=".onnx", stem=path.resolve().stem
+        )
+        if self_decoding:
+            raise ConfigError(
+                f"--self-decoding exports .slot files; {path} is a checkpoint (a float32 model "
+                "has no seed and indices to decode; drop --self-decoding)"
+            )
+        size = export_checkpoint(path, out, force=force)
+        click.echo(f"{out}: {size:,} bytes (dense float32, from {checkpoint})")
+        return
+    from .converters.onnx import data_path, export_file
+
+    output = check_output(output, inputs=(path,), force=force, suffix=".onnx")
     size, slot_size = export_file(path, output, self_decoding=self_decoding, force=force)
     kind = "self-decoding" if self_decoding else "dense float32"
     if size != output.stat().st_size:  # over protobuf's 2 GiB: the tensors are external data
@@ -543,14 +564,29 @@ def _export_web(path: Path, folder: Path, ort_web: Path | None, force: bool) -> 
     click.echo(f"serve it with: python -m http.server -d {folder} 8000  (then open localhost:8000)")
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """A run folder, or a file that is a torch checkpoint (a zip archive) rather than a .slot."""
+    if path.is_dir():
+        return True
+    if path.suffix == ".pt":
+        return True
+    if not path.is_file():  # never open a FIFO or device to sniff it: it may block forever
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 @main.command("pack")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(),
     required=True,
-    help="The .slot file to write.",
+    help="The .slot file to write (its folder must exist).",
 )
 @click.option(
     "--encoding",

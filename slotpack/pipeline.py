@@ -9,10 +9,12 @@ every artefact evaluated on the 10,000 test images in onnxruntime, next to torch
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import data
+from .atomic import write_bytes
 from .errors import CheckpointError
 from .train import Reporter, TrainConfig, train
 
@@ -46,10 +48,29 @@ def dense_onnx(model) -> bytes:
     return onnx_model.SerializeToString()
 
 
+def export_checkpoint(path: Path | str, output: Path | str, *, force: bool = False) -> int:
+    """Export a float32 run (``--method learned``, or finetuned: its folder or a checkpoint) to a
+    dense ONNX file, written atomically; returns its size. A slot run is packed first instead."""
+    from .train import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if ckpt["config"]["method"] == "slot":
+        raise CheckpointError(
+            f"{ckpt['path']} holds a slot model; pack it first (`slotpack pack {path} -o "
+            "model.slot`) and export the .slot file"
+        )
+    blob = dense_onnx(model_from_checkpoint(ckpt, "cpu"))
+    write_bytes(output, blob, force=force)
+    return len(blob)
+
+
 def _ort_accuracy(path: Path, x, y) -> float:
     from .runtime import evaluate, session
 
     return evaluate(session(path), x, y).accuracy
+
+
+MARKER = ".slotpack-demo"  # in a folder the demo created: a rerun may replace its files
 
 
 def demo(

@@ -269,5 +269,7 @@ def test_pack_refuses_to_overwrite_and_bad_files(run, lenet_run, mnist_root, tmp
         learned,
     )
     assert r.exit_code == 0, r.output
-    _one_line_error(run("pack", learned, "-o", tmp_path / "fp32.slot"), "only slot models")
+    _one_line_error(
+        run("pack", learned, "-o", tmp_path / "fp32.slot"), "no slots to pack", "slotpack export"
+    )
     assert not (tmp_path / "fp32.slot").exists()
