@@ -11,8 +11,11 @@ import functools
 import json
 import math
 import numbers
+import os
+import pickle
 import types
 import typing
+import zipfile
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -209,11 +212,21 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         path = path / "best.pt"
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path} (expected a run folder or a .pt file)")
+    problem = _archive_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"cannot read checkpoint {path}: {problem}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or foreign files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+    except pickle.UnpicklingError:  # weights_only refused a class: a foreign or hostile file
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it holds Python objects, not only tensors and plain "
+            "values (not a slotpack checkpoint; slotpack never unpickles code)"
+        ) from None
+    except Exception:  # torch raises many types (KeyError, EOFError, ...) for foreign archives
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is a zip archive but not a PyTorch checkpoint "
+            "torch can load; train one with `slotpack train`"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("slotpack_checkpoint") != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"{path} is not a slotpack checkpoint (version {CHECKPOINT_VERSION}); "
@@ -231,6 +244,41 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is malformed: {exc}") from None
     ckpt["path"] = str(path)
     return ckpt
+
+
+def _archive_problem(path: Path) -> str | None:
+    """What makes ``path`` unreadable as a torch checkpoint, in a user's terms, before torch
+    tries (its own messages for such files are internal: "pop from empty list", a bare number).
+
+    torch writes checkpoints as zip archives with a CRC-32 per member, which torch itself does
+    not check: a truncated copy lacks the zip's central directory, a damaged one fails a CRC."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        return exc.strerror or "unreadable"
+    if size == 0:
+        return "the file is empty"
+    if head != b"PK\x03\x04":
+        return (
+            "not a PyTorch checkpoint (slotpack checkpoints are the best.pt and last.pt files "
+            "`slotpack train` writes)"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # reads every member and checks its CRC-32
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError):
+        return (
+            f"the file is truncated or damaged ({size:,} bytes, its zip directory cannot be "
+            "read); copy it again or use the run's other checkpoint"
+        )
+    if damaged is not None:
+        return (
+            f"the file is damaged (archive member {damaged!r} fails its CRC-32 check); copy it "
+            "again or use the run's other checkpoint"
+        )
+    return None
 
 
 def _is_int(value: Any) -> bool:
@@ -277,6 +325,9 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cp
     tensors (cast to each parameter's dtype, as loading into a built model would), which is
     all packing needs."""
     cfg = TrainConfig.from_dict(ckpt["config"])
+    problem = _fit_problem(cfg, ckpt["model"])  # before building: that can take seconds
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {ckpt['path']} does not fit {_describe(cfg)}: {problem}")
     meta = torch.device(device).type == "meta"
     model = build_model(replace(cfg, lean=True) if meta else cfg, device)
     state = ckpt["model"]
@@ -287,9 +338,44 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cp
         model.load_state_dict(state, assign=meta)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"checkpoint {ckpt['path']} does not fit model {cfg.model}: {str(exc).splitlines()[0]}"
+            f"checkpoint {ckpt['path']} does not fit {_describe(cfg)}: {str(exc).splitlines()[0]}"
         ) from None
     return model
+
+
+def _describe(cfg: TrainConfig) -> str:
+    if cfg.method != "slot":
+        return f"model {cfg.model} ({cfg.method}, float32)"
+    return f"model {cfg.model} ({cfg.method}, K={cfg.layer_k or cfg.k}, {cfg.selection})"
+
+
+def _fit_problem(cfg: TrainConfig, state: dict[str, torch.Tensor], shown: int = 3) -> str | None:
+    """The first few missing and unexpected tensors and the first shape mismatch between a
+    checkpoint's ``state`` and the model its config describes, built on the meta device (shapes
+    only, no memory, no generator work)."""
+    try:
+        with torch.device("meta"):
+            expected = {n: tuple(t.shape) for n, t in build_model(cfg, "meta").state_dict().items()}
+    except Exception:  # pragma: no cover - a layer that cannot be built on meta: torch checks
+        return None
+
+    def names(keys: list[str]) -> str:
+        more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+        return ", ".join(keys[:shown]) + more
+
+    missing = [n for n in expected if n not in state]
+    unexpected = [n for n in state if n not in expected]
+    parts = []
+    if missing:
+        parts.append(f"it lacks {names(missing)}")
+    if unexpected:
+        parts.append(f"it has unexpected {names(unexpected)}")
+    for name, shape in expected.items():
+        if name in state and tuple(state[name].shape) != shape:
+            got = list(state[name].shape)
+            parts.append(f"{name} has shape {got}, the model expects {list(shape)}")
+            break
+    return "; ".join(parts) or None
 
 
 def load_model(
