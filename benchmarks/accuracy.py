@@ -200,23 +200,26 @@ def main(argv: list[str] | None = None) -> int:
     ks = args.k if args.method == "slot" else [args.k[0]]
     for k in ks:
         for seed in args.seed:
+            slots = {  # a learned (float32) config has no slot settings at all
+                "k": k,
+                "selection": args.selection,
+                "score_dtype": args.score_dtype,
+                "rate": args.rate,
+                "init": args.init,
+                "layer_k": tuple(int(v) for v in args.layer_k.split(",")) if args.layer_k else None,
+                "layer_rate": (
+                    tuple(float(v) for v in args.layer_rate.split(",")) if args.layer_rate else None
+                ),
+            }
             cfg = TrainConfig(
                 model=args.model,
-                k=k,
                 method=args.method,
-                selection=args.selection,
                 epochs=args.epochs,
                 seed=seed,
                 lr=args.lr,
                 schedule=args.schedule,
                 limit=args.limit,
-                score_dtype=args.score_dtype,
-                rate=args.rate,
-                init=args.init if args.method == "slot" else "uniform",
-                layer_k=tuple(int(v) for v in args.layer_k.split(",")) if args.layer_k else None,
-                layer_rate=(
-                    tuple(float(v) for v in args.layer_rate.split(",")) if args.layer_rate else None
-                ),
+                **(slots if args.method == "slot" else {}),
             )
             label = "learned" if args.method == "learned" else f"k{k}-{args.selection}"
             if args.layer_k and args.method == "slot":

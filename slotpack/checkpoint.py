@@ -34,6 +34,19 @@ CHECKPOINT_VERSION = 1
 SCHEDULES = ("constant", "cosine", "step")
 
 
+# Fields that only slot models have, with their defaults: a learned (float32) config keeps the
+# defaults, and neither records nor reports them.
+SLOT_ONLY = {
+    "k": 8,
+    "layer_k": None,
+    "selection": "greedy",
+    "init": "onedraw",
+    "rate": 0.0,
+    "layer_rate": None,
+    "score_dtype": "float32",
+}
+
+
 def _type_ok(value: Any, hint: Any) -> bool:
     """Whether ``value`` has the annotated type (ints count as floats, bools as neither; lists
     as tuples, since JSON has no tuples); annotations this does not know are left to the checks."""
@@ -148,6 +161,13 @@ class TrainConfig:
             raise ConfigError("--rate applies to greedy slot models")
         if self.method != "slot" and self.score_dtype != "float32":
             raise ConfigError("--score-dtype applies to slot models; learned models have no scores")
+        if self.method != "slot" and any(
+            getattr(self, name) != default for name, default in SLOT_ONLY.items()
+        ):
+            raise ConfigError(
+                "--k, --selection and --init apply to slot models; a learned (float32) model has "
+                "no slots to select from"
+            )
 
     @property
     def ks(self) -> tuple[int, ...]:
@@ -181,8 +201,12 @@ class TrainConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as JSON values; a learned model's omits the slot-only fields."""
         d = asdict(self)
         d["milestones"] = list(self.milestones) if self.milestones is not None else None
+        if self.method != "slot":
+            for name in SLOT_ONLY:
+                del d[name]
         return d
 
     @classmethod
@@ -195,7 +219,10 @@ class TrainConfig:
         unknown = set(d) - names
         if unknown:
             raise CheckpointError(f"config has unknown keys {sorted(map(str, unknown))}")
-        d = {"init": "uniform", **d}  # checkpoints written before "onedraw" existed
+        if d.get("method") != "slot" and "method" in d:  # learned: no slots, whatever older
+            d = {k: v for k, v in d.items() if k not in SLOT_ONLY}  # versions recorded
+        else:
+            d = {"init": "uniform", **d}  # checkpoints written before "onedraw" existed
         required = {f.name for f in fields(cls) if f.default is MISSING}
         if required - set(d):
             raise CheckpointError(f"config lacks {sorted(required - set(d))}")

@@ -127,6 +127,18 @@ def _per_layer(value: str, kind: type, hint: str) -> tuple:
     return values
 
 
+def _explicit(*names: str) -> list[str]:
+    """The options among ``names`` that the user gave (not their defaults), as ``--name``."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = [n for n in names if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)]
+    return ["--" + n.replace("_", "-") for n in given]
+
+
+DATASET_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
+
+
 def _root(root: Path | None) -> Path:
     from .datafiles import default_root
 
@@ -259,8 +271,16 @@ def train_cmd(
     Under `torchrun --nproc-per-node N -m slotpack train ...` every rank trains its shard of
     each batch (--batch-size is the global batch) and rank 0 writes the run folder."""
     from .distributed import launched
+    from .errors import ConfigError
     from .train import TrainConfig, train
 
+    if options["method"] != "slot":
+        given = _explicit("k", "selection", "init", "lean")
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)}: only slot models have slots; --method learned trains a "
+                "float32 model (drop these options)"
+            )
     if milestones is not None:
         try:
             options["milestones"] = tuple(int(m) for m in milestones.split(",") if m.strip())
@@ -375,8 +395,9 @@ def eval_cmd(
     if as_json:
         click.echo(json.dumps(record, sort_keys=True))
     elif record["engine"] == "torch":
+        kind = f"K={record['k']}" if "k" in record else "float32"
         click.echo(
-            f"{record['model']} ({record['method']}, K={record['k']}) {split} accuracy "
+            f"{record['model']} ({record['method']}, {kind}) {split} accuracy "
             f"{record['accuracy']:.4f} on {record['count']} images, loss {record['loss']:.4f}"
         )
     else:

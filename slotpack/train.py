@@ -31,6 +31,7 @@ from .atomic import exclusive, replacing, write_bytes
 from .checkpoint import (  # noqa: F401 (the run config and checkpoints live there; re-exported)
     CHECKPOINT_VERSION,
     SCHEDULES,
+    SLOT_ONLY,
     TrainConfig,
     _is_int,
     build_model,
@@ -500,8 +501,7 @@ def finish(
         "model": cfg.model,
         "dataset": cfg.dataset,
         "method": cfg.method,
-        "k": cfg.layer_k or cfg.k,
-        "selection": cfg.selection,
+        **({"k": cfg.layer_k or cfg.k, "selection": cfg.selection} if cfg.method == "slot" else {}),
         "seed": cfg.seed,
         "epochs": len(epochs),
         "best_epoch": ckpt["epoch"] + 1,
@@ -565,7 +565,7 @@ def finetune_config(
     return replace(
         source,
         method="learned",
-        score_dtype="float32",
+        **SLOT_ONLY,  # the twin has no slots: none of the source's K, selection, init, rate
         init_from=str(Path(ckpt["path"]).resolve()),
         epochs=epochs,
         lr=lr,
