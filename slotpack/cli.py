@@ -346,7 +346,8 @@ def finetune_cmd(
     "--dataset",
     type=click.Choice(["mnist", "cifar10"]),
     default=None,
-    help="For .slot/.onnx files: the data set (default: the one the file records).",
+    help="The data set (default: the one the run or file records; a model is evaluated only "
+    "on its own; needed for foreign .onnx files that record none).",
 )
 @click.option("--limit", type=int, default=None, help="Use only the first N examples.")
 @click.option(
@@ -354,7 +355,7 @@ def finetune_cmd(
     type=click.IntRange(1),
     default=256,
     show_default=True,
-    help="onnxruntime batch size (.slot/.onnx).",
+    help="Images per batch (torch and onnxruntime).",
 )
 @DATA_ROOT
 @DEVICE
@@ -369,7 +370,14 @@ def eval_cmd(
     device: str,
 ) -> None:
     """Accuracy of a run folder or checkpoint (torch), or of a .slot/.onnx file (onnxruntime)."""
+    from .errors import ConfigError
+
     if target.suffix in (".slot", ".onnx"):
+        if _explicit("device"):
+            raise ConfigError(
+                f"--device applies to run folders and checkpoints (torch); {target.name} runs in "
+                "onnxruntime on the CPU"
+            )
         record = _eval_ort(target, dataset, split, limit, batch_size, _root(root))
     else:
         from . import data
@@ -377,15 +385,21 @@ def eval_cmd(
 
         dev = resolve_device(device)
         model, cfg = load_model(target, dev)
-        result = evaluate(
-            model, data.load(cfg.resolved().dataset, _root(root), split, dev, limit=limit)
-        )
+        trained_on = cfg.resolved().dataset
+        if dataset is not None and dataset != trained_on:
+            raise ConfigError(
+                f"{target} is a {cfg.model} run on {DATASET_NAMES[trained_on]}; it cannot be "
+                f"evaluated on {DATASET_NAMES[dataset]} (omit --dataset)"
+            )
+        test = data.load(trained_on, _root(root), split, dev, limit=limit)
+        result = evaluate(model, test, batch_size=batch_size)
         record = {
             "target": str(target),
             "engine": "torch",
             "model": cfg.model,
+            "dataset": trained_on,
             "method": cfg.method,
-            "k": cfg.layer_k or cfg.k,
+            **({"k": cfg.layer_k or cfg.k} if cfg.method == "slot" else {}),
             "split": split,
             "accuracy": result.accuracy,
             "loss": result.loss,
@@ -416,21 +430,38 @@ def _eval_ort(
 
     from tqdm import tqdm
 
-    from .datafiles import load_arrays
+    from .datafiles import load_arrays, spec
     from .errors import ConfigError
     from .runtime import evaluate, session
     from .runtime.session import input_normalisation, recorded_dataset, signature
 
     sess = session(target)
     try:  # a foreign model's interface, before any data is loaded
-        signature(sess)
+        sig = signature(sess)
         input_normalisation(sess)
-        if dataset is None:
-            dataset = recorded_dataset(sess)
+        recorded = recorded_dataset(sess)
     except SlotpackError as exc:
         raise type(exc)(f"{target}: {exc}") from None
     if dataset is None:
+        dataset = recorded
+    if dataset is None:
         raise ConfigError(f"{target} does not record its data set; pass --dataset")
+    name = DATASET_NAMES.get(dataset, dataset)
+    if recorded in DATASET_NAMES and recorded != dataset:
+        raise ConfigError(
+            f"{target} is a {DATASET_NAMES[recorded]} model (it expects {DATASET_NAMES[recorded]}"
+            f"-shaped input {sig.shape_text()}); it cannot be evaluated on {name} (omit --dataset)"
+        )
+    shape = spec(dataset).shape
+    if not sig.fits(shape):
+        fitting = [n for n in DATASET_NAMES if sig.fits(spec(n).shape)]
+        expects = f"input {sig.shape_text()}"
+        if fitting:
+            expects = f"{DATASET_NAMES[fitting[0]]}-shaped {expects}"
+        raise ConfigError(
+            f"{target} expects {expects}, but {name} images are [N, {', '.join(map(str, shape))}]"
+            + (f"; pass --dataset {fitting[0]}" if fitting else "")
+        )
     x, y, _ = load_arrays(dataset, root, split, limit)
     with tqdm(
         total=len(y),
