@@ -770,11 +770,17 @@ def unpack_cmd(path: Path, output: str, force: bool) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("runs/demo"),
     show_default=True,
+    help="Folder for the demo's files (created, with missing parents). A rerun into a folder "
+    "the demo created replaces its earlier files.",
 )
 @click.option("--epochs", type=int, default=3, show_default=True)
 @click.option("--k", "k", type=int, default=8, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N training examples.")
-@click.option("--force", is_flag=True, help="Replace an earlier demo in --out.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an earlier demo's files in an --out the demo did not create (nothing else).",
+)
 @DATA_ROOT
 @DEVICE
 def demo_cmd(
@@ -792,15 +798,22 @@ def demo_cmd(
         device=device,
         force=force,
         reporter=_Bars(),
+        progress=lambda msg: click.echo(msg, err=True),
     )
-    head = f"{'artefact':32s} {'bytes':>11s} {'vs float32':>10s} {'torch acc':>9s} {'onnxruntime':>11s}"
+    head = (
+        f"{'artefact':32s} {'bytes':>11s} {'smaller than fp32':>17s} {'torch acc':>9s} "
+        f"{'onnxruntime':>11s}"
+    )
     click.echo(head)
     click.echo("-" * len(head))
     for r in rows:
         torch_acc = f"{100 * r.torch_acc:8.2f}%" if r.torch_acc is not None else f"{'':9s}"
         click.echo(
-            f"{r.artefact:32s} {r.bytes:11,d} {r.ratio:9.2f}x {torch_acc} {100 * r.ort_acc:10.2f}%"
+            f"{r.artefact:32s} {r.bytes:11,d} {r.ratio:16.2f}x {torch_acc} {100 * r.ort_acc:10.2f}%"
         )
+    plural = "epoch" if epochs == 1 else "epochs"
+    trained = f"the first {limit:,} training images" if limit else "51,000 training images"
     click.echo(
-        f"files under {out}/ (Lenet-300-100 on MNIST, {epochs} epochs; test set: 10,000 images)"
+        f"files under {out}/ (Lenet-300-100 on MNIST, {epochs} {plural} on {trained}; "
+        "accuracy on the 10,000 test images)"
     )

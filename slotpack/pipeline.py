@@ -83,39 +83,60 @@ def demo(
     device: str = "auto",
     force: bool = False,
     reporter: Reporter | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> list[DemoRow]:
-    """Run the whole path for Lenet-300-100 on MNIST; one row per artefact."""
-    from .atomic import write_bytes
-    from .converters.onnx import export_file
-    from .train import load_model, pack_checkpoint
+    """Run the whole path for Lenet-300-100 on MNIST; one row per artefact.
 
+    ``out`` is created if missing, with a marker file: a later demo into a folder it made
+    replaces the earlier demo's files. In any other folder, earlier demo files are replaced only
+    with ``force``; nothing else in ``out`` is ever touched. ``progress`` gets a line per step."""
+    from .converters.onnx import export_file
+    from .sources import mnist_present
+    from .train import pack_checkpoint
+
+    note = progress or (lambda _msg: None)
     out = Path(out)
     runs = {"slot": out / f"slot-k{k}", "learned": out / "learned-fp32"}
     slot_path, fp32_path = out / f"lenet-k{k}.slot", out / "lenet-fp32.onnx"
     dense_path, tiny_path = out / f"lenet-k{k}.onnx", out / f"lenet-k{k}.tiny.onnx"
     ours = [*runs.values(), slot_path, fp32_path, dense_path, tiny_path]
     existing = [p for p in ours if p.exists()]
-    if existing and not force:
-        raise CheckpointError(f"{existing[0]} already exists; choose another --out or pass --force")
+    if existing and not force and not (out / MARKER).is_file():
+        raise CheckpointError(
+            f"{existing[0]} already exists in a folder slotpack demo did not create; pass --force "
+            "to replace the demo's files there, or choose another --out"
+        )
     for path in existing:  # only what an earlier demo wrote, never anything else in --out
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
+    if not out.exists():
+        out.mkdir(parents=True)
+        (out / MARKER).write_text("made by `slotpack demo`; a rerun replaces its files here\n")
     root = Path(root) if root is not None else data.default_root()
-    data.fetch("mnist", root)
+    if not mnist_present(root):
+        note(f"fetching MNIST into {root} (once)")
+    data.fetch("mnist", root, progress=note)
     acc = {}
+    images = f"{limit:,} training images" if limit else "51,000 training images"
+    plural = "epoch" if epochs == 1 else "epochs"
+    what = {"slot": f"the K={k} slot network", "learned": "its float32 twin"}
     for method, run in runs.items():
-        cfg = TrainConfig(model="lenet300100", k=k, method=method, epochs=epochs, limit=limit)
+        note(f"training {what[method]}: {epochs} {plural} on {images} -> {run}")
+        slots = {"k": k} if method == "slot" else {}
+        cfg = TrainConfig(model="lenet300100", method=method, epochs=epochs, limit=limit, **slots)
         acc[method] = train(cfg, run, root=root, device=device, reporter=reporter)["test_acc"]
 
+    note(f"packing the slot network into {slot_path}")
     blob, info = pack_checkpoint(runs["slot"])
     write_bytes(slot_path, blob)
+    note(f"exporting {dense_path.name} (dense), {tiny_path.name} (self-decoding), {fp32_path.name}")
     export_file(slot_path, dense_path)
     export_file(slot_path, tiny_path, self_decoding=True)
-    learned, _ = load_model(runs["learned"])
-    write_bytes(fp32_path, dense_onnx(learned))
+    export_checkpoint(runs["learned"], fp32_path, force=True)
 
+    note("evaluating the four files on the 10,000 test images in onnxruntime")
     test = data.load("mnist", root, "test")
     x, y = test.x.numpy(), test.y.numpy()
     float32 = info.float32_size

@@ -48,6 +48,16 @@ def test_demo_runs_the_whole_path(mnist_root, tmp_path):
         ],
     )
     assert r.exit_code == 0, r.output
+    for step in (  # what it is doing, and which model trains
+        "training the K=8 slot network: 1 epoch on 1,000 training images",
+        "training its float32 twin: 1 epoch",
+        "packing the slot network into",
+        "exporting lenet-k8.onnx (dense), lenet-k8.tiny.onnx (self-decoding), lenet-fp32.onnx",
+        "evaluating the four files on the 10,000 test images in onnxruntime",
+        "smaller than fp32",
+    ):
+        assert step in r.output, step
+    assert "1 epochs" not in r.output
     for name in (
         "float32 twin, dense .onnx",
         "K=8 slot, .slot file",
