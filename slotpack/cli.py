@@ -164,21 +164,35 @@ def data_cmd(name: str, root: Path | None) -> None:
 
 @main.command("train")
 @click.option("--model", required=True, help="Zoo name: lenet300100, conv2, conv4, conv6, vgg19.")
-@click.option("--dataset", default=None, help="Data set (default: the model's own).")
-@click.option("--method", type=click.Choice(["slot", "learned"]), default="slot", show_default=True)
+@click.option(
+    "--dataset",
+    type=click.Choice(["mnist", "cifar10"]),
+    default=None,
+    help="Data set (default: the model's own; Lenet-300-100 is MNIST's, the others CIFAR-10's).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["slot", "learned"]),
+    default="slot",
+    show_default=True,
+    help="slot: learn which of K random values each connection uses; learned: the float32 twin "
+    "(ordinary weights, no K or selection).",
+)
 @click.option(
     "--k",
     "k",
     default="8",
     show_default=True,
     callback=lambda ctx, param, value: _per_layer(value, int, "--k"),
-    help="Values per connection: one K, or one per weighted layer (for example 2,8,8).",
+    help="Values per connection (slot models): one K, or one per weighted layer (for example "
+    "2,8,8).",
 )
 @click.option(
     "--selection",
     type=click.Choice(["greedy", "probabilistic"]),
     default="greedy",
     show_default=True,
+    help="How a slot layer picks its value: the highest score, or a draw from their softmax.",
 )
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True)
 @click.option(
@@ -202,14 +216,28 @@ def data_cmd(name: str, root: Path | None) -> None:
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=None, help="Default: the reference code's per model.")
 @click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=None)
-@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]), default=None)
-@click.option("--milestones", default=None, help="Comma-separated epochs for --schedule step.")
+@click.option(
+    "--weight-decay", type=float, default=None, help="Default: 0, and 1e-4 for vgg19 (reference)."
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(["constant", "cosine", "step"]),
+    default=None,
+    help="Learning-rate schedule. Default: constant, and step (x0.1 at epoch 80) for vgg19.",
+)
+@click.option(
+    "--milestones", default=None, help="Comma-separated epochs for --schedule step (default 80)."
+)
 @click.option("--limit", type=int, default=None, help="Use only the first N training examples.")
 @click.option(
     "--eval-limit", type=int, default=None, help="Use only the first N val/test examples."
 )
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The run folder (created, with missing parent folders).",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from last.pt.")
 @click.option(
     "--lean",
@@ -318,19 +346,35 @@ def train_cmd(
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--lr", type=float, default=None, help="Default: the learned baseline's 0.01.")
-@click.option("--schedule", type=click.Choice(["constant", "cosine", "step"]), default=None)
-@click.option("--limit", type=int, default=None)
-@click.option("--eval-limit", type=int, default=None)
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--resume", is_flag=True)
+@click.option(
+    "--schedule",
+    type=click.Choice(["constant", "cosine", "step"]),
+    default=None,
+    help="Learning-rate schedule. Default: constant, and step (x0.1 at epoch 80) for vgg19.",
+)
+@click.option("--limit", type=int, default=None, help="Use only the first N training examples.")
+@click.option(
+    "--eval-limit", type=int, default=None, help="Use only the first N val/test examples."
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The new run folder (created, with missing parent folders).",
+)
+@click.option("--resume", is_flag=True, help="Continue the finetuning in --out from last.pt.")
 @DATA_ROOT
 @DEVICE
 def finetune_cmd(
     run: Path, out: Path, resume: bool, root: Path | None, device: str, **options: Any
 ) -> None:
     """Turn a slot run into a dense float32 model from its selected weights and train it further."""
+    from .errors import ConfigError
     from .train import finetune_config, train
 
+    source = run if run.is_dir() else run.parent
+    if out.exists() and source.exists() and os.path.samefile(out, source):
+        raise ConfigError(f"--out {out} is the run being finetuned; choose a new folder")
     cfg = finetune_config(run, **options)
     result = train(cfg, out, root=_root(root), device=device, resume=resume, reporter=_Bars())
     click.echo(
