@@ -151,7 +151,11 @@ def data_cmd(name: str, root: Path | None) -> None:
 
 
 @main.command("train")
-@click.option("--model", required=True, help="Zoo name: lenet300100, conv2, conv4, conv6, vgg19.")
+@click.option(
+    "--model",
+    required=True,
+    help="Zoo name: lenet300100, conv2, conv4, conv6, vgg19, resnet20, resnet18.",
+)
 @click.option("--dataset", default=None, help="Data set (default: the model's own).")
 @click.option("--method", type=click.Choice(["slot", "learned"]), default="slot", show_default=True)
 @click.option(
@@ -478,7 +482,7 @@ def predict_cmd(model: Path, images: tuple[Path, ...], top: int, as_json: bool) 
 
 
 @main.command("export")
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--self-decoding",
@@ -506,7 +510,8 @@ def export_cmd(
     ort_web: Path | None,
     force: bool,
 ) -> None:
-    """Export a .slot file to ONNX (dense float32 weights, or --self-decoding), or a --web page."""
+    """Export a .slot file to ONNX (dense float32 weights, or --self-decoding), or a --web page;
+    or a resnet20/resnet18 run folder or checkpoint straight to ONNX."""
     from .converters.onnx import data_path, export_file
     from .errors import ConfigError
 
@@ -514,6 +519,9 @@ def export_cmd(
         raise ConfigError("export needs one of -o FILE and --web DIR")
     if ort_web is not None and web is None:
         raise ConfigError("--ort-web goes with --web DIR")
+    if output is not None and (path.is_dir() or (path.is_file() and not _is_slot(path))):
+        _export_run(path, output, self_decoding, force)
+        return
     if web is not None:
         _export_web(path, web, ort_web, force)
         return
@@ -529,6 +537,17 @@ def export_cmd(
         fixed = len(repack(F.read(path), index_encoding="bits"))
         line += f" (fixed-width indices: {size / fixed:.3f}x the bits-encoded .slot)"
     click.echo(line)
+
+
+def _export_run(run: Path, output: Path, self_decoding: bool, force: bool) -> None:
+    from .errors import OutputExistsError
+    from .onnx_export import export_run
+
+    if output.exists() and not force:  # before building the model; again when writing
+        raise OutputExistsError(f"{output} exists; pass --force to overwrite it")
+    export_run(run, output, self_decoding=self_decoding, force=force)
+    kind = "self-decoding" if self_decoding else "dense float32"
+    click.echo(f"{output}: {output.stat().st_size:,} bytes ({kind})")
 
 
 def _export_web(path: Path, folder: Path, ort_web: Path | None, force: bool) -> None:
