@@ -108,18 +108,7 @@ def export_onnx(
         raise ConfigError("export_onnx takes normalisation and metadata together, or neither")
     if not slot_layers(model):
         raise ConfigError("the model has no slot layers: slotify it first (slotpack.slotify)")
-    twin = dense_twin(model)
-    axes = {"input": {0: "N"}, "logits": {0: "N"}} if dynamic_batch else None
-    buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        # Option-A shortcuts slice with step 2, which the tracer cannot fold (it need not).
-        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
-        torch.onnx.export(
-            twin, (example_input,), buffer, dynamo=False, opset_version=C.OPSET,
-            input_names=["input"], output_names=["logits"], dynamic_axes=axes,
-            do_constant_folding=False,  # keeps every weight an initializer under its own name
-        )  # fmt: skip
-    proto = onnx.load_from_string(buffer.getvalue())
+    proto = _trace(dense_twin(model), example_input, dynamic_batch)
     blob, _ = pack_module(model)
     props = {"slotpack_version": __version__, "self_decoding": str(self_decoding).lower(),
              "source_sha256": hashlib.sha256(blob).hexdigest()}  # fmt: skip
@@ -136,13 +125,30 @@ def export_onnx(
     return write_bytes(Path(path), proto.SerializeToString(), force=force)
 
 
+def _trace(module: nn.Module, example: torch.Tensor, dynamic_batch: bool) -> onnx.ModelProto:
+    """``module`` (dense, eval mode) through torch's TorchScript exporter, input ``input`` and
+    output ``logits``."""
+    axes = {"input": {0: "N"}, "logits": {0: "N"}} if dynamic_batch else None
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # Option-A shortcuts slice with step 2, which the tracer cannot fold (it need not).
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+        torch.onnx.export(
+            module, (example,), buffer, dynamo=False, opset_version=C.OPSET,
+            input_names=["input"], output_names=["logits"], dynamic_axes=axes,
+            do_constant_folding=False,  # keeps every weight an initializer under its own name
+        )  # fmt: skip
+    return onnx.load_from_string(buffer.getvalue())
+
+
 def export_run(
     source: Path | str, path: Path | str, *, self_decoding: bool = False, force: bool = False
 ) -> Path:
     """Export a run folder (its best checkpoint) or checkpoint file of a module model (resnet20,
-    resnet18) with ``export_onnx``, with the data set's input shape, normalisation and the run's
-    metadata, so ``slotpack eval``/``predict`` take the file as they take zoo exports. (Layer-list
-    models export from their .slot file: ``slotpack pack`` first.)"""
+    resnet18) with ``export_onnx`` (a learned run: its dense network, traced as it is), with the
+    data set's input shape, normalisation and the run's metadata, so ``slotpack eval``/``predict``
+    take the file as they take zoo exports. (Layer-list models export from their .slot file:
+    ``slotpack pack`` first.)"""
     from . import arch as A
     from .checkpoint import load_checkpoint, model_from_checkpoint, run_metadata
     from .datafiles import spec
@@ -154,17 +160,25 @@ def export_run(
             f"{ckpt['path']} is a {cfg['model']} run: pack it (slotpack pack RUN -o m.slot) and "
             "export the .slot file"
         )
-    if cfg.get("method") != "slot":
+    if cfg.get("method") != "slot" and self_decoding:
         raise ConfigError(
             f"{ckpt['path']} holds a dense float32 model (--method {cfg.get('method')}); "
-            "only slot runs export"
+            "only slot runs export --self-decoding"
         )
     model = model_from_checkpoint(ckpt, "cpu", lean=True).eval()
     data = spec(model.arch.dataset)
     example = torch.zeros(1, *model.arch.input_shape)
     metadata = run_metadata(ckpt)
-    return export_onnx(model, example, path, self_decoding=self_decoding, force=force,
-                       normalisation=(data.mean, data.std), metadata=metadata)  # fmt: skip
+    if cfg.get("method") == "slot":
+        return export_onnx(model, example, path, self_decoding=self_decoding, force=force,
+                           normalisation=(data.mean, data.std), metadata=metadata)  # fmt: skip
+    proto = _trace(model, example, dynamic_batch=True)  # the learned twin, as trained
+    props = {"slotpack_version": __version__, "self_decoding": "false",
+             **C._props(data.mean, data.std, metadata)}  # fmt: skip
+    helper.set_model_props(proto, props)
+    proto.producer_name, proto.producer_version = "slotpack", __version__
+    onnx.checker.check_model(proto)
+    return write_bytes(Path(path), proto.SerializeToString(), force=force)
 
 
 def _decode_in_graph(proto: onnx.ModelProto, slot: F.SlotFile) -> None:

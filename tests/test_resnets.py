@@ -135,12 +135,24 @@ def test_resnet20_train_pack_export_eval(run, cifar10_root, tmp_path):
     one_line_error(run("export", out, "-o", onnx_file), "exists")
 
 
-def test_export_refuses_what_it_cannot(run, tmp_path):
+def test_export_of_a_learned_run(run, tmp_path):
     cfg = TrainConfig("resnet20", method="learned").resolved()
     ckpt = tmp_path / "learned.pt"
-    model = models.create("resnet20", method="learned")
+    model = models.create("resnet20", method="learned", seed=3).eval()
     torch.save({"slotpack_checkpoint": 1, "config": cfg.to_dict(), "epoch": 0,
                 "model": model.state_dict()}, ckpt)  # fmt: skip
-    one_line_error(run("export", ckpt, "-o", tmp_path / "m.onnx"), "dense float32")
+    one_line_error(run("export", ckpt, "-o", tmp_path / "m.onnx", "--self-decoding"), "float32")
     one_line_error(run("pack", ckpt, "-o", tmp_path / "m.slot"), "dense float32")
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.slot").exists()
+    r = run("export", ckpt, "-o", tmp_path / "m.onnx")  # dense float32, with the metadata
+    assert r.exit_code == 0, r.output
+    from slotpack.runtime import session
+    from slotpack.runtime.session import input_normalisation, recorded_dataset
+
+    sess = session(tmp_path / "m.onnx")
+    assert recorded_dataset(sess) == "cifar10" and input_normalisation(sess)[0].size == 3
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    (logits,) = sess.run(["logits"], {"input": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(x).numpy(), rtol=1e-4, atol=1e-4)
+    one_line_error(run("export", tmp_path / "nothing", "-o", tmp_path / "n.onnx"), "No such file")
