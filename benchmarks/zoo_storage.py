@@ -24,6 +24,7 @@ from the file and the first run on one image, for the dense export and the self-
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -172,7 +173,7 @@ def times(repeats: int) -> dict[str, Any]:
     from slotpack.pack import pack_model
     from slotpack.runtime import load_state_dict
 
-    rows = []
+    rows, load = [], {"start": os.getloadavg()}  # other processes on the machine skew times
     for name in ("resnet18", "vgg19"):
         t0 = time.perf_counter()
         model = models.create(name, 8, seed=0, lean=True).eval()
@@ -201,7 +202,8 @@ def times(repeats: int) -> dict[str, Any]:
         print(f"{name}: pack {pack_s:.2f} s, rebuild {rebuild_s:.2f} s, session dense "
               f"{onnx['dense']['session_create_s']:.2f} s, self-decoding "
               f"{onnx['self_decoding']['session_create_s']:.2f} s", flush=True)  # fmt: skip
-    return {"kind": "zoo_times", "repeats": repeats, "rows": rows}
+    load["end"] = os.getloadavg()
+    return {"kind": "zoo_times", "repeats": repeats, "load_average": load, "rows": rows}
 
 
 def section(storage: list[dict[str, Any]], timing: list[dict[str, Any]]) -> list[str]:
@@ -235,7 +237,7 @@ def section(storage: list[dict[str, Any]], timing: list[dict[str, Any]]) -> list
     for r in timing:
         out += [
             f"K=8 models with random scores; seconds, median of {r['repeats']} (first run: "
-            "once). Pack: model to `.slot` bytes; rebuild: `slotpack.runtime.load_state_dict` "
+            f"once), on a shared machine (1-minute load average {_load(r)}). Pack: model to `.slot` bytes; rebuild: `slotpack.runtime.load_state_dict` "
             "(numpy); session: onnxruntime session creation from the file (the self-decoding "
             "graph regenerates its weights there, by constant folding).",
             "",
@@ -252,7 +254,19 @@ def section(storage: list[dict[str, Any]], timing: list[dict[str, Any]]) -> list
                 f"{sd['session_create_s']:.2f} | {sd['first_run_s']:.3f} |"
             )
         out.append("")
-    return out
+    for r in [*storage, *timing]:
+        where = r["machine"].get("gpu") or f"{r['machine']['cpu']} ({r['machine']['cores']} cores)"
+        out.append(
+            f"- `{r['name']}`: `{r['command']}` on {where}, {r['date']}, commit {r['commit']}"
+        )
+    return out + [""]
+
+
+def _load(r: dict[str, Any]) -> str:
+    load = r.get("load_average")
+    return (
+        "not recorded" if not load else f"{load['start'][0]:.1f} before, {load['end'][0]:.1f} after"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
