@@ -30,6 +30,8 @@ def deploy(run: Path, root: Path) -> dict:
     from slotpack import data
     from slotpack.atomic import write_bytes
     from slotpack.converters.onnx import export_file
+    from slotpack.models import is_module_model
+    from slotpack.onnx_export import export_run
     from slotpack.pipeline import dense_onnx
     from slotpack.runtime import evaluate, session
     from slotpack.train import load_model, pack_checkpoint
@@ -39,7 +41,14 @@ def deploy(run: Path, root: Path) -> dict:
     test = data.load(cfg.dataset, root, "test")
     x, y = test.x.numpy(), test.y.numpy()
     files: dict[str, Path] = {}
-    if cfg.method == "slot":
+    if is_module_model(model):  # resnets: weights-only .slot (no graph); ONNX from the run
+        if cfg.method == "slot":
+            files["slot"] = write_bytes(run / "model.slot", pack_checkpoint(run)[0])
+        files["onnx"] = export_run(run, run / "model.onnx", force=True)
+        if cfg.method != "slot":
+            files["int8_onnx"] = run / "model.int8.onnx"
+            quantize_dynamic(files["onnx"], files["int8_onnx"], weight_type=QuantType.QInt8)
+    elif cfg.method == "slot":
         files["slot"] = write_bytes(run / "model.slot", pack_checkpoint(run)[0])
         files["onnx"] = run / "model.onnx"
         export_file(files["slot"], files["onnx"], force=True)
@@ -50,6 +59,9 @@ def deploy(run: Path, root: Path) -> dict:
     hybrid = _hybrid(root) if cfg.dataset == "cifar10" else None
     out = {}
     for kind, path in files.items():
+        if kind == "slot" and is_module_model(model):  # weights-only: no graph to run
+            out[kind] = {"bytes": path.stat().st_size, "index": index_summary(path)}
+            continue
         sess = session(path)
         result = evaluate(sess, x, y)
         out[kind] = {

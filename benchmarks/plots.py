@@ -81,7 +81,7 @@ def accuracy_vs_bits(records: list[dict[str, Any]], folder: Path) -> list[Path]:
     for model in arch.ZOO:
         conns = arch.get(model).num_connections
         for r in records:
-            r.setdefault("connections", arch.get(r["config"]["model"]).num_connections)
+            r.setdefault("connections", arch.spec(r["config"]["model"]).num_connections)
         slot, base = _points(records, model)
         if not slot:
             continue

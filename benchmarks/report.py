@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks import fuzz_slot, index_coding, onnx_bench, web_bench
+from benchmarks import fuzz_slot, index_coding, onnx_bench, web_bench, zoo_storage
 from benchmarks.common import RESULTS, load_records
 from slotpack import arch
 
@@ -435,6 +435,7 @@ def render(folder: Path = RESULTS) -> str:
     hybrid = {h["accuracy_record"]: h for h in by_kind.get("hybrid", [])}
     lines += accuracy_section(by_kind.get("accuracy", []), hybrid)
     lines += storage_section(by_kind.get("storage", []))
+    lines += zoo_storage.section(by_kind.get("zoo_storage", []), by_kind.get("zoo_times", []))
     lines += pack_speed_section(by_kind.get("pack_speed", []))
     lines += pack_run_section(by_kind.get("pack_run", []))
     lines += install_size_section(by_kind.get("install_size", []))

@@ -153,9 +153,29 @@ class Arch:
         return tuple(layer for layer in self.layers if isinstance(layer, WEIGHTED))
 
     @property
+    def num_weighted(self) -> int:
+        """Number of weighted layers (the generator's layers 0 .. n-1)."""
+        return len(self.weighted)
+
+    @property
     def num_connections(self) -> int:
         """Number of weights (connections) of the weighted layers, biases excluded."""
         return sum(math.prod(layer.weight_shape) for layer in self.weighted)
+
+
+@dataclass(frozen=True)
+class ModuleArch:
+    """A zoo network written as torch code (``slotpack.resnets``) instead of a layer list: its
+    slot version is ``slotify`` of the dense module, so the generator numbers its Linear/Conv2d
+    layers in ``named_modules()`` order, and files of it are weights-only (docs/FORMAT.md §2.8).
+    The counts are fixed here (no torch) and checked against the built module by the tests."""
+
+    name: str
+    dataset: str
+    input_shape: tuple[int, int, int]
+    num_weighted: int  # Linear/Conv2d layers slotify replaces
+    num_connections: int  # their weights, biases excluded
+    num_classes: int = 10
 
 
 def _mlp_head(in_features: int, hidden: tuple[int, ...], dropout: float) -> list[Layer]:
@@ -239,12 +259,39 @@ ZOO: dict[str, Arch] = {
 }
 
 
+# ResNet-20 (He et al. 2016, CIFAR-10, option-A shortcuts: 19 convolutions and the classifier)
+# and ResNet-18 (torchvision's, with a 3x3 stride-1 stem and no max pool: 20 convolutions, three
+# of them the 1x1 downsampling shortcuts, and the classifier).
+MODULE_ZOO: dict[str, ModuleArch] = {
+    "resnet20": ModuleArch("resnet20", "cifar10", (3, 32, 32), 20, 268_336),
+    "resnet18": ModuleArch("resnet18", "cifar10", (3, 32, 32), 21, 11_164_352),
+}
+
+
+def names() -> list[str]:
+    """Every zoo model name: the layer lists, then the module models."""
+    return [*ZOO, *MODULE_ZOO]
+
+
 def get(name: str) -> Arch:
-    """The zoo entry called ``name``; a miss lists the valid names."""
+    """The layer list of zoo entry ``name``; a miss lists the valid names."""
+    if name in MODULE_ZOO:
+        raise RegistryError(
+            f"model {name!r} is torch code (slotpack.resnets), not a layer list; use "
+            "slotpack.models.create for the network and weights-only .slot files for it"
+        )
     try:
         return ZOO[name]
     except KeyError:
         raise RegistryError(f"unknown model {name!r}; choose one of: {', '.join(ZOO)}") from None
+
+
+def spec(name: str) -> Arch | ModuleArch:
+    """The zoo entry ``name``, layer list or module model; a miss lists every valid name."""
+    found = ZOO.get(name) or MODULE_ZOO.get(name)
+    if found is None:
+        raise RegistryError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
+    return found
 
 
 def _window(size: int, kernel: int, stride: int, padding: int = 0, dilation: int = 1) -> int:

@@ -28,6 +28,7 @@ from .datafiles import spec
 from .errors import CheckpointError, ConfigError
 from .format import MAX_K
 from .layers import score_torch_dtype
+from .modelfile import pack_module
 from .pack import PackInfo, pack_model
 
 CHECKPOINT_VERSION = 1
@@ -115,7 +116,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        arch = A.get(self.model)
+        arch = A.spec(self.model)
         if self.dataset is not None:
             spec(self.dataset)
             if self.dataset != arch.dataset:
@@ -173,12 +174,18 @@ class TrainConfig:
     def ks(self) -> tuple[int, ...]:
         """K of each weighted layer."""
         if self.layer_k is None:
-            return (self.k,) * len(A.get(self.model).weighted)
-        return models.layer_ks(A.get(self.model), self.layer_k)
+            return (self.k,) * A.spec(self.model).num_weighted
+        return models.layer_ks(A.spec(self.model), self.layer_k)
 
     def resolved(self) -> TrainConfig:
-        """The same config with every default filled in from the reference code."""
-        arch = A.get(self.model)
+        """The same config with every default filled in from the reference code.
+
+        ResNets (module models) follow the usual CIFAR recipe instead: cosine schedule, lr 0.1
+        (slot models above K=8 0.01, as the zoo's), weight decay 5e-4 for the learned twin and
+        1e-4 for slot models (VGG-19's, which decays the scores too)."""
+        arch = A.spec(self.model)
+        if isinstance(arch, A.ModuleArch):
+            return self._resolved_resnet(arch)
         lr = self.lr
         if lr is None:
             if self.method == "learned":
@@ -197,6 +204,24 @@ class TrainConfig:
             lr=lr,
             schedule=schedule,
             milestones=tuple(milestones),
+            weight_decay=wd,
+        )
+
+    def _resolved_resnet(self, arch: A.ModuleArch) -> TrainConfig:
+        slot = self.method == "slot"
+        lr = self.lr
+        if lr is None:
+            if slot and self.selection == "probabilistic":
+                lr = 50.0  # the zoo's default for probabilistic selection
+            else:
+                lr = 0.01 if slot and max(self.ks) > 8 else 0.1
+        wd = self.weight_decay if self.weight_decay is not None else (1e-4 if slot else 5e-4)
+        return replace(
+            self,
+            dataset=arch.dataset,
+            lr=lr,
+            schedule=self.schedule or "cosine",
+            milestones=tuple(self.milestones or ()),
             weight_decay=wd,
         )
 
@@ -329,7 +354,7 @@ def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
     return None
 
 
-def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> models.Net:
+def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The freshly initialised network a config describes."""
     return models.create(
         cfg.model,
@@ -345,8 +370,11 @@ def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> models.
     )
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cpu") -> models.Net:
-    """Rebuild the network a checkpoint describes (the bank is regenerated from the seed).
+def model_from_checkpoint(
+    ckpt: dict[str, Any], device: torch.device | str = "cpu", *, lean: bool = False
+) -> torch.nn.Module:
+    """Rebuild the network a checkpoint describes (the bank is regenerated from the seed;
+    ``lean``: slot layers keep none in memory, same results).
 
     On the ``"meta"`` device nothing is generated: a lean skeleton takes the checkpoint's own
     tensors (cast to each parameter's dtype, as loading into a built model would), which is
@@ -356,7 +384,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: torch.device | str = "cp
     if problem is not None:
         raise CheckpointError(f"checkpoint {ckpt['path']} does not fit {_describe(cfg)}: {problem}")
     meta = torch.device(device).type == "meta"
-    model = build_model(replace(cfg, lean=True) if meta else cfg, device)
+    model = build_model(replace(cfg, lean=True) if meta or lean else cfg, device)
     state = ckpt["model"]
     if meta:
         own = model.state_dict()
@@ -407,7 +435,7 @@ def _fit_problem(cfg: TrainConfig, state: dict[str, torch.Tensor], shown: int = 
 
 def load_model(
     path: Path | str, device: torch.device | str = "cpu"
-) -> tuple[models.Net, TrainConfig]:
+) -> tuple[torch.nn.Module, TrainConfig]:
     """The model and config of a run folder (best checkpoint) or checkpoint file."""
     ckpt = load_checkpoint(path)
     return model_from_checkpoint(ckpt, device), TrainConfig.from_dict(ckpt["config"])
@@ -452,6 +480,14 @@ def pack_checkpoint(
             "model.onnx`"
         )
     model = model_from_checkpoint(ckpt, "meta")
-    return pack_model(
+    return pack_net(
         model, metadata=run_metadata(ckpt), encoding=encoding, index_encoding=index_encoding
     )
+
+
+def pack_net(model: torch.nn.Module, **options: Any) -> tuple[bytes, PackInfo]:
+    """``pack_model`` of a layer-list ``Net``; a weights-only file (``modelfile.pack_module``,
+    docs/FORMAT.md §2.8) of a module model (resnet20, resnet18), which has no layer list."""
+    if models.is_module_model(model):
+        return pack_module(model, **options)
+    return pack_model(model, **options)

@@ -163,7 +163,11 @@ def data_cmd(name: str, root: Path | None) -> None:
 
 
 @main.command("train")
-@click.option("--model", required=True, help="Zoo name: lenet300100, conv2, conv4, conv6, vgg19.")
+@click.option(
+    "--model",
+    required=True,
+    help="Zoo name: lenet300100, conv2, conv4, conv6, vgg19, resnet20, resnet18.",
+)
 @click.option(
     "--dataset",
     type=click.Choice(["mnist", "cifar10"]),
@@ -605,7 +609,8 @@ def export_cmd(
     force: bool,
 ) -> None:
     """Export a .slot file to ONNX (dense float32 weights, or --self-decoding), or a --web page;
-    or a float32 run (--method learned, or finetuned: its folder or a checkpoint) to dense ONNX."""
+    or a float32 run (--method learned, or finetuned: its folder or a checkpoint) to dense ONNX;
+    or a resnet20/resnet18 run (folder or checkpoint), dense or --self-decoding."""
     from .atomic import check_output
     from .errors import ConfigError
 
@@ -623,6 +628,9 @@ def export_cmd(
         out = check_output(
             output, inputs=(checkpoint,), force=force, suffix=".onnx", stem=path.resolve().stem
         )
+        if _module_run(checkpoint):  # any-model runs (resnets): export_onnx, either kind
+            _export_run(path, out, self_decoding, force)
+            return
         if self_decoding:
             raise ConfigError(
                 f"--self-decoding exports .slot files; {path} is a checkpoint (a float32 model "
@@ -646,6 +654,25 @@ def export_cmd(
         fixed = len(repack(F.read(path), index_encoding="bits"))
         line += f" (fixed-width indices: {size / fixed:.3f}x the bits-encoded .slot)"
     click.echo(line)
+
+
+def _export_run(run: Path, output: Path, self_decoding: bool, force: bool) -> None:
+    from .errors import OutputExistsError
+    from .onnx_export import export_run
+
+    if output.exists() and not force:  # before building the model; again when writing
+        raise OutputExistsError(f"{output} exists; pass --force to overwrite it")
+    export_run(run, output, self_decoding=self_decoding, force=force)
+    kind = "self-decoding" if self_decoding else "dense float32"
+    click.echo(f"{output}: {output.stat().st_size:,} bytes ({kind})")
+
+
+def _module_run(checkpoint: Path) -> bool:
+    """Whether a checkpoint holds a module-zoo model (resnet20, resnet18) rather than a layer list."""
+    from . import arch as A
+    from .checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint)["config"].get("model") in A.MODULE_ZOO
 
 
 def _export_web(path: Path, folder: Path, ort_web: Path | None, force: bool) -> None:

@@ -7,14 +7,17 @@ can seed the twin for finetuning (``dense_from_slot``).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
 from . import arch as A
-from . import prng
+from . import prng, resnets
 from .errors import ConfigError
 from .format import MAX_K
 from .layers import SELECTIONS, SlotConv2d, SlotLinear, score_torch_dtype
+from .modules import SUPPORTED, dense_state_dict, slotify
 
 METHODS = ("slot", "learned")
 SlotLayer = SlotLinear | SlotConv2d
@@ -157,9 +160,9 @@ class Net(nn.Sequential):
         return [m for m in self if isinstance(m, (SlotLinear, SlotConv2d, nn.Linear, nn.Conv2d))]
 
 
-def layer_ks(arch: A.Arch, k: int | tuple[int, ...]) -> tuple[int, ...]:
+def layer_ks(arch: A.Arch | A.ModuleArch, k: int | tuple[int, ...]) -> tuple[int, ...]:
     """One K per weighted layer: ``k`` for all, or ``k`` itself when it lists one per layer."""
-    n = len(arch.weighted)
+    n = arch.num_weighted
     ks = (k,) * n if isinstance(k, int) else tuple(k)
     if len(ks) != n:
         raise ConfigError(f"{arch.name} has {n} weighted layers; got {len(ks)} values of K")
@@ -178,7 +181,7 @@ def create(
     score_dtype: str = "float32",
     init: str = "onedraw",
     stick: float | tuple[float, ...] = 0.0,
-) -> Net:
+) -> nn.Module:
     """Build zoo model ``name`` as a slot network (2 <= K <= 65536) or its dense ``learned`` twin.
 
     ``lean`` keeps no value bank in memory (slot layers regenerate values from the generator);
@@ -186,28 +189,86 @@ def create(
     how initial scores are drawn ("onedraw": the argmax slot first, so a reader regenerates it
     from one value; "uniform": K independent draws, runs before format version 2);
     ``stick`` the rate-aware margin (in layer bounds) of the initial argmax slot. ``k`` and
-    ``stick`` may list one value per weighted layer."""
+    ``stick`` may list one value per weighted layer.
+
+    Layer-list models (``arch.ZOO``) are a ``Net``; module models (``arch.MODULE_ZOO``: resnet20,
+    resnet18) are their torch module, slotified (``slotify``), with the same attributes
+    (``arch``, ``method``, ``k``, ``selection``, ``seed``, ``lean``, ``init``)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     if selection not in SELECTIONS:
         raise ConfigError(
             f"unknown selection {selection!r}; choose one of: {', '.join(SELECTIONS)}"
         )
-    arch = A.get(name)
+    arch = A.spec(name)
     ks = layer_ks(arch, k)
     if method == "slot" and not all(2 <= k_i <= MAX_K for k_i in ks):  # before any allocation
         raise ConfigError(f"K must be >= 2 and <= {MAX_K} (the most a .slot file holds), got {k}")
     if not 0 <= seed < 2**64:
         raise ConfigError(f"seed must be in [0, 2**64), got {seed}")
     score_torch_dtype(score_dtype)
+    if isinstance(arch, A.ModuleArch):
+        return _module_model(arch, ks, method, selection, seed, device, lean, score_dtype, init,
+                             stick)  # fmt: skip
     return Net(arch, method, k, selection, seed, device, lean, score_dtype, init, stick)
 
 
-def dense_from_slot(model: Net) -> Net:
+def _module_model(
+    arch: A.ModuleArch,
+    ks: tuple[int, ...],
+    method: str,
+    selection: str,
+    seed: int,
+    device,
+    lean: bool,
+    score_dtype: str,
+    init: str,
+    stick: float | tuple[float, ...],
+) -> nn.Module:
+    """A module model: slotify of the dense module, or (``learned``) the dense module with
+    Glorot-uniform weights from the generator, as ``Net``'s learned layers. Biases start at
+    zero either way, so the seed alone fixes the network (BatchNorm starts at 1 and 0)."""
+    with torch.device(device) if device is not None else nullcontext():
+        dense = resnets.build(arch.name, arch.num_classes)
+    weighted = [m for _, m in dense.named_modules() if type(m) in SUPPORTED]
+    if len(weighted) != arch.num_weighted:  # arch.MODULE_ZOO out of step with resnets.py
+        raise RuntimeError(f"{arch.name}: {len(weighted)} weighted layers, the registry says "
+                           f"{arch.num_weighted}")  # fmt: skip
+    sticks = (stick,) * len(ks) if isinstance(stick, int | float) else tuple(stick)
+    if len(sticks) != len(ks):
+        raise ConfigError(f"{arch.name} has {len(ks)} weighted layers; got {len(sticks)} rates")
+    with torch.no_grad():
+        for index, module in enumerate(weighted):
+            if module.bias is not None:
+                module.bias.zero_()
+            if method == "learned":
+                bound = prng.glorot_bound(*A.Weight(tuple(module.weight.shape)).fans)
+                values = prng.bank_torch(seed, index, module.weight.numel(), 1, bound,
+                                         module.weight.device)  # fmt: skip
+                module.weight.copy_(values.view_as(module.weight))
+    model = dense
+    if method == "slot":
+        model = slotify(dense, ks, seed, selection=selection, init=init, lean=lean,
+                        score_dtype=score_dtype, stick=sticks)  # fmt: skip
+    model.arch, model.method, model.k, model.selection = arch, method, ks, selection
+    model.seed, model.lean, model.init = seed, lean, init
+    return model
+
+
+def is_module_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a zoo module model (resnet20, resnet18) rather than a ``Net``."""
+    return isinstance(getattr(model, "arch", None), A.ModuleArch)
+
+
+def dense_from_slot(model: nn.Module) -> nn.Module:
     """A learned twin whose weights are the slot model's selected (greedy) weights: finetuning's start."""
     if model.method != "slot":
         raise ConfigError("dense_from_slot needs a slot model")
     device = next(model.parameters()).device
+    if is_module_model(model):
+        dense = create(model.arch.name, method="learned", seed=model.seed, device=device)
+        dense.load_state_dict(dense_state_dict(model))
+        return dense
     dense = Net(model.arch, "learned", model.k, model.selection, model.seed, device)
     model_state = {k: v for k, v in model.state_dict().items() if not k.endswith(".scores")}
     was_training = model.training

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import warnings
 from pathlib import Path
 
 import onnx
@@ -94,29 +95,86 @@ def export_onnx(
     self_decoding: bool = False,
     dynamic_batch: bool = True,
     force: bool = False,
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    metadata: dict | None = None,
 ) -> Path:
     """Write ``model`` (slotified, evaluated greedy or at its fixed draw) as an ONNX file whose
-    input is ``input`` and output ``logits``; returns the path. See the module docstring."""
+    input is ``input`` and output ``logits``; returns the path. See the module docstring.
+
+    ``normalisation`` (per-channel mean, std) and ``metadata`` (a JSON object; its "dataset"
+    names the data set) become the props the zoo export sets, which ``slotpack eval`` and
+    ``predict`` read (``input_mean``, ``input_std``, ``metadata``); both or neither."""
+    if (normalisation is None) != (metadata is None):
+        raise ConfigError("export_onnx takes normalisation and metadata together, or neither")
     if not slot_layers(model):
         raise ConfigError("the model has no slot layers: slotify it first (slotpack.slotify)")
-    twin = dense_twin(model)
-    axes = {"input": {0: "N"}, "logits": {0: "N"}} if dynamic_batch else None
-    buffer = io.BytesIO()
-    with torch.no_grad():
-        torch.onnx.export(
-            twin, (example_input,), buffer, dynamo=False, opset_version=C.OPSET,
-            input_names=["input"], output_names=["logits"], dynamic_axes=axes,
-            do_constant_folding=False,  # keeps every weight an initializer under its own name
-        )  # fmt: skip
-    proto = onnx.load_from_string(buffer.getvalue())
+    proto = _trace(dense_twin(model), example_input, dynamic_batch)
     blob, _ = pack_module(model)
     props = {"slotpack_version": __version__, "self_decoding": str(self_decoding).lower(),
              "source_sha256": hashlib.sha256(blob).hexdigest()}  # fmt: skip
+    if normalisation is not None:
+        props.update(C._props(*normalisation, metadata))
     if self_decoding:
         _decode_in_graph(proto, F.decode(blob))
         slot = F.decode(blob)
         props.update(generator=slot.manifest["generator"]["id"], seed=slot.manifest["generator"]["seed"],
                      k=",".join(map(str, slot.ks)))  # fmt: skip
+    helper.set_model_props(proto, props)
+    proto.producer_name, proto.producer_version = "slotpack", __version__
+    onnx.checker.check_model(proto)
+    return write_bytes(Path(path), proto.SerializeToString(), force=force)
+
+
+def _trace(module: nn.Module, example: torch.Tensor, dynamic_batch: bool) -> onnx.ModelProto:
+    """``module`` (dense, eval mode) through torch's TorchScript exporter, input ``input`` and
+    output ``logits``."""
+    axes = {"input": {0: "N"}, "logits": {0: "N"}} if dynamic_batch else None
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # Option-A shortcuts slice with step 2, which the tracer cannot fold (it need not).
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+        torch.onnx.export(
+            module, (example,), buffer, dynamo=False, opset_version=C.OPSET,
+            input_names=["input"], output_names=["logits"], dynamic_axes=axes,
+            do_constant_folding=False,  # keeps every weight an initializer under its own name
+        )  # fmt: skip
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def export_run(
+    source: Path | str, path: Path | str, *, self_decoding: bool = False, force: bool = False
+) -> Path:
+    """Export a run folder (its best checkpoint) or checkpoint file of a module model (resnet20,
+    resnet18) with ``export_onnx`` (a learned run: its dense network, traced as it is), with the
+    data set's input shape, normalisation and the run's metadata, so ``slotpack eval``/``predict``
+    take the file as they take zoo exports. (Layer-list models export from their .slot file:
+    ``slotpack pack`` first.)"""
+    from . import arch as A
+    from .checkpoint import load_checkpoint, model_from_checkpoint, run_metadata
+    from .datafiles import spec
+
+    ckpt = load_checkpoint(source)
+    cfg = ckpt["config"]
+    if not isinstance(A.spec(cfg["model"]), A.ModuleArch):
+        raise ConfigError(
+            f"{ckpt['path']} is a {cfg['model']} run: pack it (slotpack pack RUN -o m.slot) and "
+            "export the .slot file"
+        )
+    if cfg.get("method") != "slot" and self_decoding:
+        raise ConfigError(
+            f"{ckpt['path']} holds a dense float32 model (--method {cfg.get('method')}); "
+            "only slot runs export --self-decoding"
+        )
+    model = model_from_checkpoint(ckpt, "cpu", lean=True).eval()
+    data = spec(model.arch.dataset)
+    example = torch.zeros(1, *model.arch.input_shape)
+    metadata = run_metadata(ckpt)
+    if cfg.get("method") == "slot":
+        return export_onnx(model, example, path, self_decoding=self_decoding, force=force,
+                           normalisation=(data.mean, data.std), metadata=metadata)  # fmt: skip
+    proto = _trace(model, example, dynamic_batch=True)  # the learned twin, as trained
+    props = {"slotpack_version": __version__, "self_decoding": "false",
+             **C._props(data.mean, data.std, metadata)}  # fmt: skip
     helper.set_model_props(proto, props)
     proto.producer_name, proto.producer_version = "slotpack", __version__
     onnx.checker.check_model(proto)

@@ -39,10 +39,10 @@ from .checkpoint import (  # noqa: F401 (the run config and checkpoints live the
     load_model,
     model_from_checkpoint,
     pack_checkpoint,
+    pack_net,
     run_metadata,
 )
 from .errors import CheckpointError, ConfigError
-from .pack import pack_model
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -188,7 +188,7 @@ def _resume_problem(state: dict[str, Any]) -> str | None:
     return None
 
 
-def _initial_model(cfg: TrainConfig, device: torch.device) -> models.Net:
+def _initial_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     if cfg.init_from is None:
         return build_model(cfg, device)
     source, _ = load_model(cfg.init_from, device)
@@ -475,7 +475,7 @@ def _train(
         digests = D.replica_digests(net, world)
         extra.update(world_size=world.size, grad_reduce=grad_reduce, replica_digests=digests)
         if cfg.method == "slot":
-            extra["packed_digests"] = D.packed_digests(pack_model(net)[0], world)
+            extra["packed_digests"] = D.packed_digests(pack_net(net)[0], world)
     result = finish(out, root=root, device=dev, extra=extra) if world.main else None
     result = D.broadcast(result, world)
     if grad_reduce is not None and any(

@@ -29,3 +29,9 @@ def big_slot_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("big") / "big.slot"
     path.write_bytes(big_slot())
     return path
+
+
+@pytest.fixture(scope="session")
+def cifar10_root() -> Path:
+    """A root folder holding CIFAR-10 in torchvision's layout (fetched via `slotpack data`)."""
+    return data.fetch("cifar10", cache_dir())

@@ -99,8 +99,10 @@ def test_arch_round_trips_through_dicts():
 
 
 def test_registry_errors_list_valid_names():
-    with pytest.raises(RegistryError, match="lenet300100, conv2, conv4, conv6, vgg19"):
-        models.create("resnet18")
+    with pytest.raises(
+        RegistryError, match="lenet300100, conv2, conv4, conv6, vgg19, resnet20, resnet18"
+    ):
+        models.create("resnet50")
     with pytest.raises(ConfigError, match="K must be >= 2"):
         models.create("lenet300100", 1)
     with pytest.raises(ConfigError, match="unknown method"):
