@@ -142,7 +142,7 @@ def test_export_of_a_learned_run(run, tmp_path):
     torch.save({"slotpack_checkpoint": 1, "config": cfg.to_dict(), "epoch": 0,
                 "model": model.state_dict()}, ckpt)  # fmt: skip
     one_line_error(run("export", ckpt, "-o", tmp_path / "m.onnx", "--self-decoding"), "float32")
-    one_line_error(run("pack", ckpt, "-o", tmp_path / "m.slot"), "dense float32")
+    one_line_error(run("pack", ckpt, "-o", tmp_path / "m.slot"), "float32 model")
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.slot").exists()
     r = run("export", ckpt, "-o", tmp_path / "m.onnx")  # dense float32, with the metadata
     assert r.exit_code == 0, r.output
