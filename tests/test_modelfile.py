@@ -244,7 +244,7 @@ def test_resnet18_saves_and_loads_bit_for_bit(tmp_path):
         assert torch.equal(slot(x), dense(x))
 
 
-@settings(max_examples=400, deadline=None, derandomize=True,
+@settings(max_examples=1000, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 @given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
        st.booleans())  # fmt: skip
