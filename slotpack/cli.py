@@ -487,9 +487,14 @@ def _eval_ort(
     try:  # a foreign model's interface, before any data is loaded
         sig = signature(sess)
         input_normalisation(sess)
-        recorded = recorded_dataset(sess)
     except SlotpackError as exc:
         raise type(exc)(f"{target}: {exc}") from None
+    try:
+        recorded = recorded_dataset(sess)
+    except SlotpackError as exc:  # unreadable metadata only matters when --dataset is missing
+        if dataset is None:
+            raise type(exc)(f"{target}: {exc}") from None
+        recorded = None
     if dataset is None:
         dataset = recorded
     if dataset is None:

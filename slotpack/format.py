@@ -252,6 +252,7 @@ class SlotFile:
 
     def weighted(self) -> Iterator[tuple[int, int, A.Linear | A.Conv2d, dict[str, str]]]:
         """(position, generator layer number, layer, tensors) of each weighted layer."""
+        self.require_architecture("walking its layers")
         for w in self.weights:
             yield w.position, w.number, w.layer, self.tensors[w.position]
 
