@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                 label += f"-rate{args.rate:g}"
             if args.layer_rate:
                 label += f"-rate{args.layer_rate.replace(',', '-')}"
-            name = f"accuracy_{args.model}_{label}_e{args.epochs}_s{seed}{args.tag}"
+            schedule = f"_{args.schedule}" if args.schedule else ""  # never the default's name
+            name = f"accuracy_{args.model}_{label}_e{args.epochs}_s{seed}{schedule}{args.tag}"
             out = args.runs / name
             record(name, cfg, out, root, args.device)
             if args.finetune and args.method == "slot":
