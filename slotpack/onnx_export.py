@@ -115,8 +115,8 @@ def export_onnx(
     if normalisation is not None:
         props.update(C._props(*normalisation, metadata))
     if self_decoding:
-        _decode_in_graph(proto, F.decode(blob))
         slot = F.decode(blob)
+        _decode_in_graph(proto, slot)
         props.update(generator=slot.manifest["generator"]["id"], seed=slot.manifest["generator"]["seed"],
                      k=",".join(map(str, slot.ks)))  # fmt: skip
     helper.set_model_props(proto, props)
