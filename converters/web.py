@@ -32,6 +32,7 @@ from pathlib import Path
 
 from slotpack import __version__
 from slotpack import format as F
+from slotpack.datafiles import class_names
 from slotpack.errors import ConfigError, OutputExistsError, SlotpackError
 
 PINNED = "1.30.0"  # the version runtime/web/package.json pins; the page is tested with it
@@ -40,21 +41,6 @@ PAGE_FILES = ("index.html", "app.js")
 # The UMD bundle of the wasm backend, and the one wasm binary (plus its loader) it fetches.
 ORT_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs")
 MARKER = "slotpack-web"  # model.json's "format": what --force may replace
-CLASS_NAMES = {
-    "mnist": [str(d) for d in range(10)],
-    "cifar10": [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ],
-}
 _HINT = (
     f"run `npm ci --prefix runtime/web` in a slotpack checkout, or `npm install "
     f"onnxruntime-web@{PINNED}` and pass --ort-web node_modules/onnxruntime-web (or set ${ENV})"
@@ -121,9 +107,7 @@ def page_config(slot: F.SlotFile, onnx_bytes: int, ort_version: str, source: byt
     m = slot.manifest
     meta = m["metadata"]
     dataset = meta.get("dataset") if isinstance(meta.get("dataset"), str) else None
-    classes = CLASS_NAMES.get(dataset or "", [])
-    if len(classes) != m["num_classes"]:
-        classes = [str(i) for i in range(m["num_classes"])]
+    classes = list(class_names(dataset, m["num_classes"]))
     return {
         "format": MARKER,
         "version": 1,

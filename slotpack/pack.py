@@ -54,6 +54,35 @@ class PackInfo:
         return self.float32_size / self.size
 
 
+def _check_encodings(encoding: str, index_encoding: str) -> None:
+    if encoding not in ENCODINGS:
+        raise ConfigError(
+            f"unknown tensor encoding {encoding!r}; choose one of: {', '.join(ENCODINGS)}"
+        )
+    if index_encoding not in INDEX_ENCODINGS:
+        raise ConfigError(
+            f"unknown index encoding {index_encoding!r}; choose one of: {', '.join(INDEX_ENCODINGS)}"
+        )
+
+
+def _checked_indices(index: Any, shape: tuple[int, ...], k: int, where: str) -> np.ndarray:
+    """``index`` flat, after checking its count against ``shape`` and its values against K."""
+    idx = np.asarray(index).reshape(-1)
+    if idx.size != math.prod(shape):
+        raise ConfigError(f"{where}: {idx.size} indices for {math.prod(shape)} connections")
+    if not 2 <= k <= F.MAX_K:
+        raise ConfigError(f"{where}: K must be in 2..{F.MAX_K}, got {k}")
+    if idx.size and (idx.min() < 0 or idx.max() >= k):
+        raise ConfigError(f"{where}: indices must lie in [0, {k})")
+    return idx
+
+
+def _float_blob(array: np.ndarray, encoding: str) -> tuple[str, tuple[int, ...], bytes]:
+    """A float32 array as a section stored in ``encoding`` (float32 or float16, little-endian)."""
+    dtype = np.dtype("<f4") if encoding == "float32" else np.dtype("<f2")
+    return encoding, array.shape, array.astype(dtype).tobytes()
+
+
 def encode_indices(
     index: np.ndarray,
     *,
@@ -104,14 +133,7 @@ def encode_selection(
     layer; ``references`` each layer's reference rule (default: that of a "uniform" init);
     ``index_encoding`` "auto" (the smaller per layer), "bits" or "delta" (version 2 only).
     """
-    if encoding not in ENCODINGS:
-        raise ConfigError(
-            f"unknown tensor encoding {encoding!r}; choose one of: {', '.join(ENCODINGS)}"
-        )
-    if index_encoding not in INDEX_ENCODINGS:
-        raise ConfigError(
-            f"unknown index encoding {index_encoding!r}; choose one of: {', '.join(INDEX_ENCODINGS)}"
-        )
+    _check_encodings(encoding, index_encoding)
     if version == 1:
         index_encoding = "bits"
     weighted = [
@@ -125,24 +147,14 @@ def encode_selection(
         )
     blobs: dict[str, tuple[str, tuple[int, ...], bytes | D.Delta]] = {}
     for number, ((pos, layer), idx, k_i) in enumerate(zip(weighted, indices, ks, strict=True)):
-        idx = np.asarray(idx).reshape(-1)
-        if idx.size != math.prod(layer.weight_shape):
-            raise ConfigError(
-                f"layer {pos}: {idx.size} indices for {math.prod(layer.weight_shape)} connections"
-            )
-        if not 2 <= k_i <= F.MAX_K:
-            raise ConfigError(f"layer {pos}: K must be in 2..{F.MAX_K}, got {k_i}")
-        if idx.size and (idx.min() < 0 or idx.max() >= k_i):
-            raise ConfigError(f"layer {pos}: indices must lie in [0, {k_i})")
+        idx = _checked_indices(idx, layer.weight_shape, k_i, f"layer {pos}")
         kind, data = encode_indices(
             idx, seed=seed, number=number, layer=layer, k=k_i, reference=refs[number],
             encoding=index_encoding,
         )  # fmt: skip
         blobs[F.section_name(pos, "indices")] = (kind, (idx.size,), data)
-    dtype = np.dtype("<f4") if encoding == "float32" else np.dtype("<f2")
     for name, array in tensors.items():
-        array = np.asarray(array, dtype=np.float32)
-        blobs[name] = (encoding, array.shape, array.astype(dtype).tobytes())
+        blobs[name] = _float_blob(np.asarray(array, dtype=np.float32), encoding)
     return F.encode(
         layers=arch.layers,
         seed=seed,
@@ -200,29 +212,15 @@ def encode_named(
     """Weights-only file bytes (docs/FORMAT.md §2.8): slot weights and other tensors by
     state_dict name, in ``order`` (default: the weights, then ``tensors``). Floating tensors
     are stored as ``encoding``; integer ones (BatchNorm's batch count) as int64."""
-    if encoding not in ENCODINGS:
-        raise ConfigError(
-            f"unknown tensor encoding {encoding!r}; choose one of: {', '.join(ENCODINGS)}"
-        )
-    if index_encoding not in INDEX_ENCODINGS:
-        raise ConfigError(
-            f"unknown index encoding {index_encoding!r}; choose one of: {', '.join(INDEX_ENCODINGS)}"
-        )
+    _check_encodings(encoding, index_encoding)
     blobs: dict[str, tuple[str, tuple[int, ...], bytes | D.Delta]] = {}
     for number, w in enumerate(weights):
-        idx = np.asarray(w.index).reshape(-1)
-        if idx.size != math.prod(w.shape):
-            raise ConfigError(f"{w.name}: {idx.size} indices for {math.prod(w.shape)} connections")
-        if not 2 <= w.k <= F.MAX_K:
-            raise ConfigError(f"{w.name}: K must be in 2..{F.MAX_K}, got {w.k}")
-        if idx.size and (idx.min() < 0 or idx.max() >= w.k):
-            raise ConfigError(f"{w.name}: indices must lie in [0, {w.k})")
+        idx = _checked_indices(w.index, w.shape, w.k, w.name)
         kind, data = encode_indices(
             idx, seed=seed, number=number, layer=A.Weight(tuple(w.shape)), k=w.k,
             reference=w.reference, encoding=index_encoding,
         )  # fmt: skip
         blobs[w.name] = (kind, (idx.size,), data)
-    dtype = np.dtype("<f4") if encoding == "float32" else np.dtype("<f2")
     for name, array in tensors.items():
         array = np.asarray(array)
         if name in blobs:
@@ -230,7 +228,7 @@ def encode_named(
         if array.dtype.kind in "iub":
             blobs[name] = ("int64", array.shape, array.astype("<i8").tobytes())
         elif array.dtype.kind == "f":
-            blobs[name] = (encoding, array.shape, array.astype(np.float32).astype(dtype).tobytes())
+            blobs[name] = _float_blob(array.astype(np.float32), encoding)
         else:
             raise ConfigError(f"tensor {name} is {array.dtype}: only numbers can be stored")
     order = order or list(blobs)

@@ -266,11 +266,15 @@ def reference_np(seed: int, layer: int, n: int, k: int, bound: float, rule: str)
 
 def _order_keys(seed: int, layer: int, positions: np.ndarray, k: int, rule: str) -> np.ndarray:
     """int64 [len, K]: smaller means earlier in the reference order (ignoring the reference)."""
-    z = _order_grid_np(seed, layer, positions, k, rule)
-    z ^= np.uint64((1 << MANTISSA_BITS) - 1)  # 2**24 - 1 - q: decreasing draw first
-    z <<= np.uint64(16)  # then increasing slot (K <= 2**16)
-    z |= np.arange(k, dtype=np.uint64)
-    return z.view(np.int64)
+    return _keys(_order_grid_np(seed, layer, positions, k, rule), k)
+
+
+def _keys(draws: np.ndarray, k: int) -> np.ndarray:
+    """Order keys (int64) of 24-bit draws (uint64 [len, K], changed in place)."""
+    draws ^= np.uint64((1 << MANTISSA_BITS) - 1)  # 2**24 - 1 - q: decreasing draw first
+    draws <<= np.uint64(16)  # then increasing slot (K <= 2**16)
+    draws |= np.arange(k, dtype=np.uint64)
+    return draws.view(np.int64)
 
 
 def reference_order_np(
@@ -316,16 +320,16 @@ def slots_at_ranks_np(
     left out; a later rank r is the r-th smallest order key, whose low 16 bits are its slot."""
     out = np.empty(positions.size, dtype=np.int64)
     step = max(1, (NP_BLOCK * 4) // k)
-    slots = np.arange(k, dtype=np.int64)
     for a in range(0, positions.size, step):
-        q = _order_grid_np(seed, layer, positions[a : a + step], k, rule).view(np.int64)
-        want = ranks[a : a + step]
-        q[np.arange(want.size), ref[a : a + step]] = -1  # never before any other slot
-        first = q.argmax(1)  # ties: the lower slot, as the order says
+        draws = _order_grid_np(seed, layer, positions[a : a + step], k, rule)
+        want, refs = ranks[a : a + step], ref[a : a + step]
         later = np.flatnonzero(want > 1)
+        keys = _keys(draws[later], k)  # a copy: the draws stay for the runner-up
+        keys[np.arange(later.size), refs[later]] = np.iinfo(np.int64).max
+        q = draws.view(np.int64)
+        q[np.arange(want.size), refs] = -1  # never before any other slot
+        first = q.argmax(1)  # ties: the lower slot, as the order says
         if later.size:
-            keys = ((1 << MANTISSA_BITS) - 1 - q[later]) << 16  # decreasing draw first
-            keys |= slots  # then increasing slot (K <= 2**16)
             for r in np.unique(want[later]):
                 rows = np.flatnonzero(want[later] == r)
                 kth = np.partition(keys[rows], int(r) - 1, axis=1)[:, int(r) - 1]

@@ -413,25 +413,31 @@ def test_decoding_allocates_no_more_than_the_declared_output():
 # ----------------------------------------------------------------------------- fuzzing
 
 
+def mutate(data: bytes, ops: list[tuple[int, int]], fix_crcs: bool) -> bytes:
+    """``data`` with bytes overwritten at ``ops`` (wrapped), then, if asked and still possible,
+    its section CRCs and header refreshed so that the edit reaches the structural checks."""
+    out = bytearray(data)
+    for where, value in ops:
+        out[where % len(out)] = value
+    if fix_crcs:
+        try:
+            manifest, payload = split(bytes(out))
+            for s in manifest["sections"]:
+                _recrc(manifest, bytearray(payload), s["name"])
+            return build(manifest, payload)
+        except Exception:  # the edit broke the JSON or header: test the file as it is
+            pass
+    return bytes(out)
+
+
 @settings(max_examples=600, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 @given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
        st.booleans())  # fmt: skip
 def test_fuzz_v2_byte_edits(ops, fix_crcs):
     """Mutated version 2 files (CRCs refreshed or not) give the format's error or valid indices."""
-    data = bytearray(tiny_v2())
-    for where, value in ops:
-        data[where % len(data)] = value
-    if fix_crcs:
-        try:
-            manifest, payload = split(bytes(data))
-            for s in manifest["sections"]:
-                _recrc(manifest, bytearray(payload), s["name"])
-            data = bytearray(build(manifest, payload))
-        except Exception:  # the edit broke the JSON or header: test the file as it is
-            pass
     try:
-        f = F.decode(bytes(data))
+        f = F.decode(mutate(tiny_v2(), ops, fix_crcs))
     except F.SlotFormatError:
         return
     for w in f.weights:
