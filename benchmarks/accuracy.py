@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import write_record
+from slotpack import prng
 
 
 def deploy(run: Path, root: Path) -> dict:
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--layer-k", default=None, help="one K per weighted layer, e.g. 2,8,8 (train --k 2,8,8)"
     )
-    p.add_argument("--init", default="onedraw", choices=["onedraw", "uniform"])
+    p.add_argument("--init", default=prng.DEFAULT_INIT, choices=prng.INITS)
     p.add_argument("--root", type=Path, default=None)
     p.add_argument("--runs", type=Path, default=Path("runs/bench"))
     p.add_argument("--device", default="auto")

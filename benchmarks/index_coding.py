@@ -1,7 +1,7 @@
 """How much of a trained network training changed, what coding it costs, and what decoding costs.
 
     python -m benchmarks.index_coding stats runs/lenet-k8-e40-s0 [RUN ...]
-    python -m benchmarks.index_coding rebuild --fractions 0.05 0.15 0.3
+    python -m benchmarks.index_coding rebuild --fractions 0.05 0.15 0.3 [--rules onedraw16 onedraw]
 
 ``stats`` reads each run's best checkpoint (torch) and writes one record per run: per weighted
 layer, the fraction of connections whose deployed index differs from the reference slot a reader
@@ -16,7 +16,9 @@ could not regenerate bit for bit.
 
 ``rebuild`` times ``slotpack.runtime.rebuild`` of VGG-19 K=8 files in the ``bits`` and ``delta``
 encodings, interleaved, for synthetic trained-like indices (a given fraction of connections moved
-off their ``onedraw`` reference, ranks drawn as measured on Lenet: 70% runner-up, geometric).
+off their reference slot, ranks drawn as measured on Lenet: 70% runner-up, geometric), once per
+reference rule: ``onedraw16`` (the default init) orders a changed connection's slots from
+ceil(K/4) generator outputs, ``onedraw`` from K.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def stats(run: Path) -> dict[str, Any]:
     }
 
 
-def _vgg_files(fraction: float, seed: int = 0) -> dict[str, bytes]:
+def _vgg_files(fraction: float, rule: str, seed: int = 0) -> dict[str, bytes]:
     from slotpack import arch as A
     from slotpack import prng
     from slotpack.pack import encode_selection
@@ -137,12 +139,10 @@ def _vgg_files(fraction: float, seed: int = 0) -> dict[str, bytes]:
     indices = []
     for number, layer in enumerate(arch.weighted):
         n, bound = int(np.prod(layer.weight_shape)), prng.glorot_bound(*layer.fans)
-        index = prng.reference_np(seed, number, n, 8, bound, "onedraw").astype(np.int64)
+        index = prng.reference_np(seed, number, n, 8, bound, rule).astype(np.int64)
         moved = np.flatnonzero(rng.random(n) < fraction)
         ranks = np.minimum(rng.geometric(0.7, moved.size), 7)
-        index[moved] = prng.slots_at_ranks_np(
-            seed, number, moved, ranks, index[moved], 8, "onedraw"
-        )
+        index[moved] = prng.slots_at_ranks_np(seed, number, moved, ranks, index[moved], 8, rule)
         indices.append(index)
     tensors = {}
     for pos, layer in enumerate(arch.layers):
@@ -152,16 +152,16 @@ def _vgg_files(fraction: float, seed: int = 0) -> dict[str, bytes]:
         elif isinstance(layer, A.WEIGHTED) and layer.bias:
             tensors[f"{pos}.bias"] = np.zeros(layer.weight_shape[0])
     common = dict(seed=seed, k=8, selection="greedy", indices=indices, tensors=tensors,
-                  mean=(0.0,) * 3, std=(1.0,) * 3, references=("onedraw",) * len(indices))  # fmt: skip
+                  mean=(0.0,) * 3, std=(1.0,) * 3, references=(rule,) * len(indices))  # fmt: skip
     return {enc: encode_selection(arch, index_encoding=enc, **common) for enc in ("bits", "delta")}
 
 
-def rebuild_times(fractions: list[float], repeats: int) -> dict[str, Any]:
+def rebuild_times(fractions: list[float], repeats: int, rules: list[str]) -> dict[str, Any]:
     from slotpack.runtime import rebuild
 
     rows = []
-    for fraction in fractions:
-        files = _vgg_files(fraction)
+    for rule, fraction in ((r, f) for r in rules for f in fractions):
+        files = _vgg_files(fraction, rule)
         times: dict[str, list[float]] = {enc: [] for enc in files}
         for _ in range(repeats):  # interleaved, so load on the machine hits both alike
             for enc, data in files.items():
@@ -169,6 +169,7 @@ def rebuild_times(fractions: list[float], repeats: int) -> dict[str, Any]:
                 rebuild(data)
                 times[enc].append(time.perf_counter() - start)
         rows.append({
+            "rule": rule,
             "changed_fraction": fraction,
             "bytes": {enc: len(data) for enc, data in files.items()},
             "seconds": times,
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("rebuild")
     r.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.15, 0.3])
     r.add_argument("--repeats", type=int, default=5)
+    r.add_argument("--rules", nargs="+", default=["onedraw16", "onedraw"])
     r.add_argument("--name", default="rebuild_time_vgg19_k8")
     args = p.parse_args(argv)
     if args.what == "stats":
@@ -201,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"coded {t['coded_bits']:.3f} bits/connection; file "
                   f"{payload['bits_per_connection']:.3f} -> {path}")  # fmt: skip
     else:
-        payload = rebuild_times(args.fractions, args.repeats)
+        payload = rebuild_times(args.fractions, args.repeats, args.rules)
         path = write_record(args.name, payload)
         for row in payload["rows"]:
-            print(f"changed {row['changed_fraction']:.2f}: delta/bits {row['best_ratio']:.2f}x "
+            print(f"{row['rule']}, changed {row['changed_fraction']:.2f}: delta/bits {row['best_ratio']:.2f}x "
                   f"(best of {args.repeats}), {row['median_ratio']:.2f}x median -> {path}")  # fmt: skip
     return 0
 
@@ -290,13 +292,13 @@ def section(
             f"`delta` against `bits`, {rec['repeats']} interleaved runs each; "
             f"{rec['machine']['cpu']}, {rec['machine']['cores']} cores, {rec['date']}.",
             "",
-            "| changed | bits file | delta file | bits rebuild (best) | delta rebuild (best) | ratio best | ratio median |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
+            "| reference rule | changed | bits file | delta file | bits rebuild (best) | delta rebuild (best) | ratio best | ratio median |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in rec["rows"]:
             b, d = row["bytes"]["bits"], row["bytes"]["delta"]
             lines.append(
-                f"| {100 * row['changed_fraction']:.0f}% | {b:,} | {d:,} | "
+                f"| {row.get('rule', 'onedraw')} | {100 * row['changed_fraction']:.0f}% | {b:,} | {d:,} | "
                 f"{min(row['seconds']['bits']):.2f} s | {min(row['seconds']['delta']):.2f} s | "
                 f"{row['best_ratio']:.2f}x | {row['median_ratio']:.2f}x |"
             )

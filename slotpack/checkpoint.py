@@ -41,7 +41,7 @@ SLOT_ONLY = {
     "k": 8,
     "layer_k": None,
     "selection": "greedy",
-    "init": "onedraw",
+    "init": prng.DEFAULT_INIT,
     "rate": 0.0,
     "layer_rate": None,
     "score_dtype": "float32",
@@ -109,7 +109,7 @@ class TrainConfig:
     lean: bool = False  # slot layers keep no value bank in memory (same results, less memory)
     score_dtype: str = "float32"  # or "bfloat16": scores, their gradient and momentum
     step_in_backward: bool = False  # SGD step per parameter inside backward (same results)
-    init: str = "onedraw"  # initial scores: "onedraw" or "uniform" (runs before format 2)
+    init: str = prng.DEFAULT_INIT  # initial scores, one of prng.INITS (§1.7)
     layer_k: tuple[int, ...] | None = None  # one K per weighted layer (overrides k)
     rate: float = 0.0  # rate-aware margin of the reference slot, in layer bounds (0: none)
     layer_rate: tuple[float, ...] | None = None  # one margin per weighted layer (overrides rate)

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from . import __version__
+from . import __version__, prng
 from .errors import SlotpackError
 from .kernels import KERNELS  # imports no torch, like everything at the top of this file
 
@@ -210,11 +210,12 @@ def data_cmd(name: str, root: Path | None) -> None:
 )
 @click.option(
     "--init",
-    type=click.Choice(["onedraw", "uniform"]),
-    default="onedraw",
+    type=click.Choice(prng.INITS),
+    default=prng.DEFAULT_INIT,
     show_default=True,
-    help="Initial scores: onedraw draws the top slot first, so a reader regenerates it from one "
-    "value per connection; uniform is how runs before format version 2 were initialised.",
+    help="Initial scores: onedraw16 draws the top slot first and orders the others from 16-bit "
+    "draws, so a reader regenerates both cheaply (onedraw: the same top slot, the order from K "
+    "draws); uniform is how runs before format version 2 were initialised.",
 )
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)

@@ -143,7 +143,7 @@ class Weights:
     number: int  # the generator's layer number (§1.2)
     layer: A.Linear | A.Conv2d | A.Weight  # A.Weight in weights-only files
     k: int
-    reference: str  # "argmax", "onedraw" or "draw" (§1.8)
+    reference: str  # one of prng.REFERENCE_RULES (§1.8)
     section: str  # the indices section
 
     @property

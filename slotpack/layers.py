@@ -181,7 +181,7 @@ class _SlotMixin(nn.Module):
         device: torch.device | str | None,
         lean: bool = False,
         score_dtype: str = "float32",
-        init: str = "onedraw",
+        init: str = prng.DEFAULT_INIT,
         stick: float = 0.0,
     ) -> None:
         if k < 2:
@@ -229,7 +229,7 @@ class _SlotMixin(nn.Module):
         """How a reader regenerates this layer's reference slot (docs/FORMAT.md §1.8)."""
         if self.selection == "probabilistic":
             return "draw"
-        return "onedraw" if self.init == "onedraw" else "argmax"
+        return "argmax" if self.init == "uniform" else self.init  # onedraw, onedraw16
 
     def selected_index(self) -> torch.Tensor:
         """Flat [connections] index of the value each connection uses now (``select_index``)."""
@@ -326,7 +326,7 @@ class SlotLinear(_SlotMixin):
         device: torch.device | str | None = None,
         lean: bool = False,
         score_dtype: str = "float32",
-        init: str = "onedraw",
+        init: str = prng.DEFAULT_INIT,
         stick: float = 0.0,
     ) -> None:
         super().__init__()
@@ -381,7 +381,7 @@ class _SlotConvNd(_SlotMixin):
         device: torch.device | str | None = None,
         lean: bool = False,
         score_dtype: str = "float32",
-        init: str = "onedraw",
+        init: str = prng.DEFAULT_INIT,
         stick: float = 0.0,
     ) -> None:
         super().__init__()

@@ -33,7 +33,7 @@ def _weighted_module(
     device,
     lean: bool = False,
     score_dtype: str = "float32",
-    init: str = "onedraw",
+    init: str = prng.DEFAULT_INIT,
     stick: float = 0.0,
 ) -> nn.Module:
     if method == "slot":
@@ -120,7 +120,7 @@ class Net(nn.Sequential):
         device=None,
         lean: bool = False,
         score_dtype: str = "float32",
-        init: str = "onedraw",
+        init: str = prng.DEFAULT_INIT,
         stick: float | tuple[float, ...] = 0.0,
     ):
         modules: list[nn.Module] = []
@@ -179,15 +179,17 @@ def create(
     device: torch.device | str | None = None,
     lean: bool = False,
     score_dtype: str = "float32",
-    init: str = "onedraw",
+    init: str = prng.DEFAULT_INIT,
     stick: float | tuple[float, ...] = 0.0,
 ) -> nn.Module:
     """Build zoo model ``name`` as a slot network (2 <= K <= 65536) or its dense ``learned`` twin.
 
     ``lean`` keeps no value bank in memory (slot layers regenerate values from the generator);
     ``score_dtype`` ("float32" or "bfloat16") is the dtype of the slot layers' scores; ``init``
-    how initial scores are drawn ("onedraw": the argmax slot first, so a reader regenerates it
-    from one value; "uniform": K independent draws, runs before format version 2);
+    how initial scores are drawn (one of ``prng.INITS``, §1.7: "onedraw16", the default, draws
+    the argmax slot first and orders the others from 16-bit draws, so a reader regenerates the
+    reference from half an output and a changed connection's order from ceil(K/4); "uniform":
+    K independent draws, runs before format version 2);
     ``stick`` the rate-aware margin (in layer bounds) of the initial argmax slot. ``k`` and
     ``stick`` may list one value per weighted layer.
 

@@ -64,7 +64,7 @@ def slotify(
     selection: str = "greedy",
     include: Filter = None,
     exclude: Filter = None,
-    init: str = "onedraw",
+    init: str = prng.DEFAULT_INIT,
     lean: bool = False,
     score_dtype: str = "float32",
     stick: float | Sequence[float] = 0.0,
@@ -234,8 +234,8 @@ class SlotLayerInfo:
     weight_shape: tuple[int, ...]
     bound: float  # Glorot-uniform bound, an exact float32
     selection: str  # "greedy" or "probabilistic"
-    init: str  # "onedraw" or "uniform"
-    reference_rule: str  # "onedraw", "argmax" or "draw" (§1.8)
+    init: str  # one of prng.INITS
+    reference_rule: str  # one of prng.REFERENCE_RULES (§1.8)
 
 
 def slot_layer_info(model: nn.Module) -> list[SlotLayerInfo]:

@@ -40,10 +40,16 @@ DRAW_STREAM_SALT = 0xD2A3D2A3D2A3D2A3
 REFERENCE_STREAM_SALT = 0x4EF0D4A74EF0D4A7
 # Training only: the maximum initial score of an "onedraw" connection.
 MAXIMUM_STREAM_SALT = 0x3A7C3A7C3A7C3A7C
+# The order of the other slots under "onedraw16": 16-bit draws, four per output, so a reader
+# orders a changed connection's slots for ceil(K/4) outputs instead of K.
+ORDER_STREAM_SALT = 0x6F5D6F5D6F5D6F5D
 # How a layer's initial scores were drawn, and so how a reader finds the reference slot
 # (docs/FORMAT.md §1.7-1.8). "uniform": K independent scores, reference = their argmax (K values
-# per connection to regenerate); "onedraw": the argmax slot drawn first (half an output each).
-INITS = ("uniform", "onedraw")
+# per connection to regenerate); "onedraw": the argmax slot drawn first (half an output each);
+# "onedraw16": as "onedraw", the other slots' scores from 16-bit draws packed four per output.
+INITS = ("uniform", "onedraw", "onedraw16")
+DEFAULT_INIT = "onedraw16"  # new runs: the cheapest reference and reference order for a reader
+ORDER_BITS = 16
 # numpy halves work on blocks of this many counters: their uint64 temporaries (128 KiB each) stay
 # in L2, and small models keep the peak memory of a rebuild under twice their dense size.
 NP_BLOCK = 1 << 14
@@ -79,6 +85,11 @@ def draw_key(seed: int, layer: int) -> int:
 def reference_key(seed: int, layer: int) -> int:
     """Key of the stream that draws each connection's initial (reference) slot, init "onedraw"."""
     return layer_key(seed ^ REFERENCE_STREAM_SALT, layer)
+
+
+def order_key(seed: int, layer: int) -> int:
+    """Key of the stream of 16-bit draws that order the other slots, init "onedraw16"."""
+    return layer_key(seed ^ ORDER_STREAM_SALT, layer)
 
 
 def maximum_key(seed: int, layer: int) -> int:
@@ -193,32 +204,53 @@ def initial_scores_np(
     seed: int, layer: int, n: int, k: int, bound: float, init: str = "uniform"
 ) -> np.ndarray:
     """The initial scores float32 [n, k] of §1.7 (numpy twin of :func:`initial_scores_torch`)."""
-    if init == "onedraw":
-        return _onedraw_scores_np(seed, layer, n, k, bound)
+    if init in ("onedraw", "onedraw16"):
+        return _onedraw_scores_np(seed, layer, n, k, bound, init)
     grid = _grid_np(score_key(seed, layer), 0, n * k).astype(np.float32)
     grid *= np.float32(bound)
     grid *= np.float32(2.0**-MANTISSA_BITS)
     return grid.reshape(n, k)
 
 
-REFERENCE_RULES = ("argmax", "onedraw", "draw")
+REFERENCE_RULES = ("argmax", "onedraw", "onedraw16", "draw")
+
+
+def _halfword_shift(j: int) -> int:
+    """Slot j's 16-bit draw is (output j div 4 >> this) & 0xFFFF (§1.8), highest bits first."""
+    return 48 - 16 * (j & 3)
 
 
 def _order_grid_np(seed: int, layer: int, positions: np.ndarray, k: int, rule: str) -> np.ndarray:
-    """The 24-bit initial draws [len, K] that order a connection's slots (§1.8)."""
+    """The 24-bit initial draws that order a connection's slots (§1.8), slot-major: uint64
+    [K, len(positions)], so that a maximum over the slots is K-1 elementwise passes."""
+    if rule == "onedraw16":  # counter i * ceil(K/4) + (k >> 2)
+        w = -(-k // 4)
+        outs = (np.arange(1, w + 1, dtype=np.uint64) * np.uint64(GAMMA)) + np.uint64(
+            order_key(seed, layer)
+        )
+        z = _mix_np(outs[:, None] + positions.astype(np.uint64) * np.uint64((w * GAMMA) & MASK64))
+        out = np.empty((k, positions.size), dtype=np.uint64)
+        for j in range(k):
+            np.right_shift(z[j >> 2], np.uint64(_halfword_shift(j)), out=out[j])
+        out &= np.uint64(0xFFFF)
+        return out
     key = draw_key(seed, layer) if rule == "draw" else score_key(seed, layer)
     # output(key, c) = mix64(key + (c + 1) * GAMMA) with c = i*K + j: the affine part as one
-    # broadcast sum of a per-connection and a per-slot term (mod 2**64)
-    rows = positions.astype(np.uint64) * np.uint64((k * GAMMA) & MASK64)
-    cols = (np.arange(1, k + 1, dtype=np.uint64) * np.uint64(GAMMA)) + np.uint64(key)
-    z = rows[:, None] + cols
+    # broadcast sum of a per-slot and a per-connection term (mod 2**64)
+    slots = (np.arange(1, k + 1, dtype=np.uint64) * np.uint64(GAMMA)) + np.uint64(key)
+    z = slots[:, None] + positions.astype(np.uint64) * np.uint64((k * GAMMA) & MASK64)
     return _mix_np(z) >> np.uint64(64 - MANTISSA_BITS)
+
+
+def _first_max(keys: np.ndarray) -> np.ndarray:
+    """Slot of the largest order key of each column of ``keys`` (see :func:`_keys`)."""
+    return 0xFFFF - (keys.max(0) & 0xFFFF)
 
 
 def _reference_at(
     seed: int, layer: int, positions: np.ndarray, k: int, bound: float, rule: str
 ) -> np.ndarray:
-    if rule == "onedraw":  # two connections per output: the high half, then the low half
+    if rule in ("onedraw", "onedraw16"):  # two connections per output: high half, then low
         pos = positions.astype(np.uint64)
         z = _splitmix(pos >> np.uint64(1), reference_key(seed, layer), _NP)
         odd = (pos & np.uint64(1)).astype(bool)
@@ -233,8 +265,9 @@ def _reference_at(
     if rule == "argmax":  # the scores' own float32 rounding, so ties fall as torch's argmax
         scores = grid.astype(np.float32)
         scores *= np.float32(bound)
-        return scores.argmax(1)
-    return grid.argmax(1)
+        # non-negative float32s order as their bit patterns do
+        grid = scores.view(np.uint32).astype(np.uint64)
+    return _first_max(_keys(grid, k))
 
 
 def reference_np(seed: int, layer: int, n: int, k: int, bound: float, rule: str) -> np.ndarray:
@@ -245,7 +278,7 @@ def reference_np(seed: int, layer: int, n: int, k: int, bound: float, rule: str)
     24-bit integers (probabilistic models).
     """
     out = np.empty(n, dtype=np.uint16)
-    if rule == "onedraw":  # contiguous pairs: each output's halves, high first, interleaved
+    if rule in ("onedraw", "onedraw16"):  # contiguous pairs: each output's halves, high first
         key, mask, k64 = reference_key(seed, layer), np.uint64(0xFFFFFFFF), np.uint64(k)
         for a in range(0, n, 2 * NP_BLOCK):
             b = min(n, a + 2 * NP_BLOCK)
@@ -265,15 +298,16 @@ def reference_np(seed: int, layer: int, n: int, k: int, bound: float, rule: str)
 
 
 def _order_keys(seed: int, layer: int, positions: np.ndarray, k: int, rule: str) -> np.ndarray:
-    """int64 [len, K]: smaller means earlier in the reference order (ignoring the reference)."""
+    """int64 [K, len]: larger means earlier in the reference order (ignoring the reference)."""
     return _keys(_order_grid_np(seed, layer, positions, k, rule), k)
 
 
 def _keys(draws: np.ndarray, k: int) -> np.ndarray:
-    """Order keys (int64) of 24-bit draws (uint64 [len, K], changed in place)."""
-    draws ^= np.uint64((1 << MANTISSA_BITS) - 1)  # 2**24 - 1 - q: decreasing draw first
-    draws <<= np.uint64(16)  # then increasing slot (K <= 2**16)
-    draws |= np.arange(k, dtype=np.uint64)
+    """Order keys (int64, slot-major [K, len]) of draws below 2**47 (uint64, changed in place):
+    draw * 2**16 + (2**16 - 1 - slot), so decreasing keys are decreasing draws, then increasing
+    slots (K <= 2**16), and the low 16 bits give the slot back."""
+    draws <<= np.uint64(16)
+    draws |= (np.uint64(0xFFFF) - np.arange(k, dtype=np.uint64))[:, None]
     return draws.view(np.int64)
 
 
@@ -288,8 +322,8 @@ def reference_order_np(
     for a in range(0, positions.size, step):
         pos = positions[a : a + step]
         keys = _order_keys(seed, layer, pos, k, rule)
-        keys[np.arange(pos.size), _reference_at(seed, layer, pos, k, bound, rule)] = -1
-        out[a : a + step] = np.argsort(keys, axis=1)
+        keys[_reference_at(seed, layer, pos, k, bound, rule), np.arange(pos.size)] |= 1 << 62
+        out[a : a + step] = 0xFFFF - (-np.sort(-keys, axis=0).T & 0xFFFF)
     return out
 
 
@@ -302,12 +336,17 @@ def ranks_np(
     out = np.empty(positions.size, dtype=np.int64)
     step = max(1, NP_BLOCK // k)
     for a in range(0, positions.size, step):
-        rows = np.arange(min(step, positions.size - a))
+        cols = np.arange(min(step, positions.size - a))
         keys = _order_keys(seed, layer, positions[a : a + step], k, rule)
-        mine = keys[rows, slots[a : a + step]]
-        keys[rows, ref[a : a + step]] = np.iinfo(np.int64).max
-        out[a : a + step] = 1 + (keys < mine[:, None]).sum(1)
+        mine = keys[slots[a : a + step], cols]
+        keys[ref[a : a + step], cols] = -1
+        out[a : a + step] = 1 + (keys > mine).sum(0)
     return out
+
+
+# Ranks up to this are found by dropping maxima one at a time (most changes take rank 1 or 2),
+# later ones by sorting what is left.
+_PEEL = 4
 
 
 def slots_at_ranks_np(
@@ -316,48 +355,68 @@ def slots_at_ranks_np(
 ) -> np.ndarray:  # fmt: skip
     """Inverse of :func:`ranks_np`: the slot at rank ``ranks`` (1..K-1) of each connection.
 
-    Rank 1 (the runner-up, most changes) is the first maximum of the draws with the reference
-    left out; a later rank r is the r-th smallest order key, whose low 16 bits are its slot."""
+    With the reference's key set below all others, rank r is the r-th largest order key, whose
+    low 16 bits give its slot: rank 1 (the runner-up, most changes) is one maximum over the
+    slots, ranks up to ``_PEEL`` drop the maximum and take the next, later ones sort the rest."""
     out = np.empty(positions.size, dtype=np.int64)
     step = max(1, (NP_BLOCK * 4) // k)
     for a in range(0, positions.size, step):
-        draws = _order_grid_np(seed, layer, positions[a : a + step], k, rule)
-        want, refs = ranks[a : a + step], ref[a : a + step]
-        later = np.flatnonzero(want > 1)
-        keys = _keys(draws[later], k)  # a copy: the draws stay for the runner-up
-        keys[np.arange(later.size), refs[later]] = np.iinfo(np.int64).max
-        q = draws.view(np.int64)
-        q[np.arange(want.size), refs] = -1  # never before any other slot
-        first = q.argmax(1)  # ties: the lower slot, as the order says
-        if later.size:
-            for r in np.unique(want[later]):
-                rows = np.flatnonzero(want[later] == r)
-                kth = np.partition(keys[rows], int(r) - 1, axis=1)[:, int(r) - 1]
-                first[later[rows]] = kth & 0xFFFF
-        out[a : a + step] = first
+        keys = _order_keys(seed, layer, positions[a : a + step], k, rule)
+        want = ranks[a : a + step]
+        keys[ref[a : a + step], np.arange(want.size)] = -1
+        best = keys.max(0)
+        rows = np.flatnonzero(want > 1)
+        if rows.size:
+            sub, tops = keys.take(rows, axis=1), [best[rows]]  # take: slot-major as keys
+            cols = np.arange(rows.size)
+            for _ in range(min(_PEEL, k - 1) - 1):  # a rank is at most K-1
+                sub[0xFFFF - (tops[-1] & 0xFFFF), cols] = -1  # drop the maximum's slot
+                tops.append(sub.max(0))
+            w = want[rows]
+            near = np.flatnonzero(w <= _PEEL)
+            best[rows[near]] = np.stack(tops)[w[near] - 1, near]
+            far = np.flatnonzero(w > _PEEL)  # rank _PEEL is now the largest key left
+            if far.size:
+                left = -np.sort(-sub[:, far].T, axis=1)
+                best[rows[far]] = left[np.arange(far.size), w[far] - _PEEL]
+        out[a : a + step] = 0xFFFF - (best & 0xFFFF)
     return out
 
 
-def _onedraw_scores_np(seed: int, layer: int, n: int, k: int, bound: float) -> np.ndarray:
+def _onedraw_scores_np(
+    seed: int, layer: int, n: int, k: int, bound: float, init: str
+) -> np.ndarray:
     """Scores whose argmax is the reference slot (§1.8): see :func:`_onedraw_scores`."""
-    ref = reference_np(seed, layer, n, k, bound, "onedraw")
+    ref = reference_np(seed, layer, n, k, bound, init)
     top = _grid_np(maximum_key(seed, layer), 0, n).astype(np.float64)
-    others = _grid_np(score_key(seed, layer), 0, n * k).astype(np.float32).reshape(n, k)
-    return _onedraw_scores(np, ref.astype(np.int64), top, others, k, bound)
+    if init == "onedraw16":
+        unit = np.empty((n, k), dtype=np.float32)
+        step = max(1, NP_BLOCK // k)
+        for a in range(0, n, step):
+            pos = np.arange(a, min(n, a + step))
+            unit[a : a + step] = _order_grid_np(seed, layer, pos, k, init).T
+        unit += 0.5
+        unit *= np.float32(2.0**-ORDER_BITS)
+    else:
+        unit = _grid_np(score_key(seed, layer), 0, n * k).astype(np.float32).reshape(n, k)
+        unit *= np.float32(2.0**-MANTISSA_BITS)
+    return _onedraw_scores(np, ref.astype(np.int64), top, unit, k, bound)
 
 
-def _onedraw_scores(xp: Any, ref: Any, top: Any, others: Any, k: int, bound: float) -> Any:
-    """Shared by both halves. ``top`` (float64) and ``others`` (float32) hold 24-bit integers.
+def _onedraw_scores(xp: Any, ref: Any, top: Any, unit: Any, k: int, bound: float) -> Any:
+    """Shared by both halves. ``top`` (float64) holds 24-bit integers, ``unit`` (float32 [n, K])
+    the others' draws in [0, 1): the 2**-24 grid ("onedraw") or 16-bit midpoints ("onedraw16").
 
     The largest score is bound * w with w = ((top + 1/2) / 2**24) ** (1/K), the law of the
-    maximum of K uniforms; the others are float32(m * u) with u uniform on the 2**-24 grid of
-    [0, 1), which rounds strictly below m for any normal m > 0, so the argmax is exactly ``ref``.
-    The joint law is that of K independent U[0, bound) scores. Training only: a reader needs
-    ``ref``, never these floats (pow may differ in its last bit between libraries).
+    maximum of K uniforms; the others are float32(m * u), which rounds strictly below m for any
+    normal m > 0 and u <= 1 - 2**-17, so the argmax is exactly ``ref``. The joint law is that of
+    K independent U[0, bound) scores (for "onedraw16", the others on a grid of 2**16 steps).
+    Training only: a reader needs ``ref`` and the draws' order, never these floats (pow may
+    differ in its last bit between libraries).
     """
     m = ((top + 0.5) * 2.0**-MANTISSA_BITS) ** (1.0 / k) * bound
-    m = m.astype(np.float32) if xp is np else m.to(others.dtype)
-    others *= 2.0**-MANTISSA_BITS  # exact: the grid in [0, 1)
+    m = m.astype(np.float32) if xp is np else m.to(unit.dtype)
+    others = unit
     others *= m[:, None]
     rows = xp.arange(others.shape[0])
     others[rows, ref] = m
@@ -491,23 +550,48 @@ def initial_scores_torch(
 
     ``init="onedraw"`` draws the same law with the argmax slot first (§1.8)."""
     half = float(1 << (MANTISSA_BITS - 1))
-    if init == "onedraw":
+    if init in ("onedraw", "onedraw16"):
         import torch
 
         ref = reference_torch(seed, layer, n, k, device)
         top = _scaled_range_torch(maximum_key(seed, layer), 0, n, 1.0, half, 1.0, device)
-        others = _scaled_range_torch(score_key(seed, layer), 0, n * k, 1.0, half, 1.0, device)
-        return _onedraw_scores(torch, ref, top.double(), others.view(n, k), k, bound)
+        if init == "onedraw16":
+            unit = _order_units_torch(seed, layer, n, k, device)
+        else:
+            unit = _scaled_range_torch(
+                score_key(seed, layer), 0, n * k, 1.0, half, 2.0**-MANTISSA_BITS, device
+            ).view(n, k)
+        return _onedraw_scores(torch, ref, top.double(), unit, k, bound)
     if init != "uniform":
         raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
     key = score_key(seed, layer)
     return _scaled_range_torch(key, 0, n * k, bound, half, 2.0**-MANTISSA_BITS, device).view(n, k)
 
 
+def _order_units_torch(
+    seed: int, layer: int, n: int, k: int, device: torch.device | str | None
+) -> torch.Tensor:
+    """(u + 1/2) * 2**-16 of the 16-bit draws of init "onedraw16", float32 [n, K] (exact)."""
+    import torch
+
+    w, key = -(-k // 4), order_key(seed, layer)
+    out = torch.empty(n, k, dtype=torch.float32, device=device)
+    step = max(1, _torch_block(out.device) // w)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        counters = torch.arange(a * w, b * w, dtype=torch.int64, device=device)
+        z = _splitmix(counters, key, _TORCH).view(b - a, w).T
+        for j in range(k):  # an arithmetic shift: the mask drops the sign bits
+            half = (z[j >> 2] >> _halfword_shift(j)) & 0xFFFF
+            out[a:b, j] = half.to(torch.float32).add_(0.5).mul_(2.0**-ORDER_BITS)
+    return out
+
+
 def reference_torch(
     seed: int, layer: int, n: int, k: int, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """The "onedraw" reference slot of connections 0..n-1 (int64), as :func:`reference_np`."""
+    """The "onedraw" (and "onedraw16") reference slot of connections 0..n-1 (int64), as
+    :func:`reference_np`."""
     import torch
 
     key = reference_key(seed, layer)

@@ -40,7 +40,7 @@ def golden_indices() -> list[np.ndarray]:
     out = []
     for number, (layer, k, rule, moves) in enumerate(
         [
-            (TINY.layers[0], 5, "onedraw", {2: 1, 3: 2, 11: 4}),
+            (TINY.layers[0], 5, "onedraw16", {2: 1, 3: 2, 11: 4}),
             (TINY.layers[5], 3, "argmax", {0: 1, 1: 2, 2: 1, 23: 2}),  # Exp-Golomb gaps
         ]  # fmt: skip
     ):
@@ -55,7 +55,7 @@ def golden_indices() -> list[np.ndarray]:
 def tiny_v2(index_encoding: str = "delta", indices: list | None = None) -> bytes:
     return encode_selection(
         TINY, seed=SEED, k=(5, 3), selection="greedy", indices=indices or golden_indices(),
-        tensors=TENSORS, mean=(0.5,), std=(0.25,), references=("onedraw", "argmax"),
+        tensors=TENSORS, mean=(0.5,), std=(0.25,), references=("onedraw16", "argmax"),
         index_encoding=index_encoding, metadata={"dataset": "toy", "note": "golden v2"},
     )  # fmt: skip
 
@@ -86,11 +86,14 @@ def test_known_answer_vectors_of_the_spec():
     assert np.float32(prng.glorot_bound(38, 3)).view(np.uint32) == 0x3EC3DD13
     assert [prng.reference_key(42, 3), prng.maximum_key(42, 3)] == [
         0x262A8DDA69A6816F, 0xC54BF95FCA00B904]  # fmt: skip
-    assert [prng.score_key(42, 3), prng.draw_key(42, 3)] == [
-        0x390FD325738A1218, 0xAE52295B45871D11]  # fmt: skip
+    assert [prng.score_key(42, 3), prng.draw_key(42, 3), prng.order_key(42, 3)] == [
+        0x390FD325738A1218, 0xAE52295B45871D11, 0x2AF3822A26933FDE]  # fmt: skip
+    assert prng._order_grid_np(42, 3, np.arange(2), 5, "onedraw16").T.tolist() == [
+        [8616, 57059, 43888, 31794, 32328], [14904, 7077, 50808, 59969, 7148]]  # fmt: skip
     want = {"onedraw": [4, 4, 3, 2, 3, 4, 4, 4], "argmax": [4, 1, 2, 2, 3, 1, 1, 0],
-            "draw": [1, 1, 4, 1, 2, 0, 4, 1]}  # fmt: skip
+            "draw": [1, 1, 4, 1, 2, 0, 4, 1], "onedraw16": [4, 4, 3, 2, 3, 4, 4, 4]}  # fmt: skip
     orders = {"onedraw": [[4, 3, 2, 1, 0], [4, 1, 2, 3, 0], [3, 2, 1, 4, 0]],
+              "onedraw16": [[4, 1, 2, 3, 0], [4, 3, 2, 0, 1], [3, 4, 1, 0, 2]],
               "argmax": [[4, 3, 2, 1, 0], [1, 4, 2, 3, 0], [2, 1, 4, 0, 3]],
               "draw": [[1, 2, 3, 0, 4], [1, 4, 0, 3, 2], [4, 2, 1, 3, 0]]}  # fmt: skip
     for rule in prng.REFERENCE_RULES:
@@ -98,6 +101,8 @@ def test_known_answer_vectors_of_the_spec():
         assert prng.reference_order_np(42, 3, np.arange(3), 5, bound, rule).tolist() == orders[rule]
     spec = SPEC.read_text()
     assert "`0x3ec3dd13`" in spec and "4 4 3 2 3 4 4 4" in spec and "[1 4 0 3 2]" in spec
+    assert "`0x2af3822a26933fde`" in spec and "8616 57059 43888 31794 32328" in spec
+    assert "[4 1 2 3 0] [4 3 2 0 1] [3 4 1 0 2]" in spec
 
 
 def test_reference_rules_follow_their_definitions_in_plain_python():
@@ -119,6 +124,14 @@ def test_reference_rules_follow_their_definitions_in_plain_python():
     draws = [[out(key_d, i * k + j) >> 40 for j in range(k)] for i in range(n)]
     assert prng.reference_np(seed, layer, n, k, bound, "draw").tolist() == [
         row.index(max(row)) for row in draws]  # fmt: skip
+    key_o, w = out(seed ^ 0x6F5D6F5D6F5D6F5D, layer), -(-k // 4)
+    u = [[(out(key_o, i * w + (j >> 2)) >> (48 - 16 * (j & 3))) & 0xFFFF for j in range(k)]
+         for i in range(n)]  # fmt: skip
+    ref = prng.reference_np(seed, layer, n, k, bound, "onedraw16").tolist()
+    assert ref == [(h * k) >> 32 for h in halves]
+    order = prng.reference_order_np(seed, layer, np.arange(n), k, bound, "onedraw16").tolist()
+    assert order == [[r] + sorted((j for j in range(k) if j != r), key=lambda j: (-row[j], j))
+                     for r, row in zip(ref, u, strict=True)]  # fmt: skip
 
 
 @pytest.mark.parametrize("k", [2, 3, 8, 64])
@@ -127,22 +140,25 @@ def test_initial_scores_numpy_equals_torch_and_onedraw_argmax_is_the_reference(k
 
     n = (1 << 20) // k  # a million counters per stream
     bound = prng.glorot_bound(784, 300)
+    ref = prng.reference_np(11, 1, n, k, bound, "onedraw")
+    assert np.array_equal(ref, prng.reference_torch(11, 1, n, k).numpy())
     for init in prng.INITS:
         a = prng.initial_scores_np(11, 1, n, k, bound, init)
         t = prng.initial_scores_torch(11, 1, n, k, bound, init=init).numpy()
         assert np.array_equal(a.view(np.uint32), t.view(np.uint32))
         assert 0 <= a.min() and a.max() <= np.float32(bound)
-    ref = prng.reference_np(11, 1, n, k, bound, "onedraw")
-    assert np.array_equal(ref, prng.reference_torch(11, 1, n, k).numpy())
-    assert np.array_equal(a.argmax(1), ref)  # a is the onedraw scores
-    assert np.array_equal(torch.from_numpy(a).argmax(1).numpy(), ref)
-    uniform = prng.initial_scores_np(11, 1, n, k, bound, "uniform")
-    assert np.array_equal(prng.reference_np(11, 1, n, k, bound, "argmax"), uniform.argmax(1))
+        rule = "argmax" if init == "uniform" else init
+        assert np.array_equal(prng.reference_np(11, 1, n, k, bound, rule), a.argmax(1))
+        assert np.array_equal(torch.from_numpy(a).argmax(1).numpy(), a.argmax(1))
+        if init == "onedraw16":  # the others' scores follow the 16-bit draws' order
+            order = prng.reference_order_np(11, 1, np.arange(500), k, bound, init)
+            assert np.array_equal(np.argsort(-a[:500], axis=1, kind="stable"), order)
 
 
-def test_onedraw_has_the_law_of_k_independent_uniform_scores():
+@pytest.mark.parametrize("init", ["onedraw", "onedraw16"])
+def test_onedraw_has_the_law_of_k_independent_uniform_scores(init):
     k, n, bound = 8, 200_000, 1.0
-    s = prng.initial_scores_np(5, 0, n, k, bound, "onedraw")
+    s = prng.initial_scores_np(5, 0, n, k, bound, init)
     ref = s.argmax(1)
     counts = np.bincount(ref, minlength=k)
     chi2 = (((counts - n / k) ** 2) / (n / k)).sum()
@@ -186,7 +202,7 @@ def test_golden_v2_manifest_follows_the_spec_tables():
     manifest, payload = split(GOLDEN_V2.read_bytes())
     assert set(manifest) == F.MANIFEST_KEYS[2]
     weighted = [layer for layer in manifest["layers"] if layer["op"] in ("linear", "conv2d")]
-    assert [(w["k"], w["reference"]) for w in weighted] == [(5, "onedraw"), (3, "argmax")]
+    assert [(w["k"], w["reference"]) for w in weighted] == [(5, "onedraw16"), (3, "argmax")]
     s = section(manifest, "0.indices")
     assert set(s) == F.SECTION_KEYS | F.DELTA_KEYS
     assert (s["changes"], s["encoding"]) == (3, "delta")

@@ -120,7 +120,7 @@ def test_numbering_is_named_modules_order():
     assert [i.number for i in info] == list(range(len(names)))
     assert info[1].name == "b" and info[1].weight_name == "b.weight" and info[1].bias_name is None
     assert info[1].weight_shape == (8, 8, 2, 3) and info[4].kind == "conv1d"
-    assert {i.reference_rule for i in info} == {"onedraw"} and {i.k for i in info} == {3}
+    assert {i.reference_rule for i in info} == {prng.DEFAULT_INIT} and {i.k for i in info} == {3}
 
 
 def test_values_are_the_generators_numpy_half():
