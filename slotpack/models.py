@@ -1,8 +1,9 @@
 """Torch models from the zoo (slotpack/arch.py): slot networks and their dense float32 twins.
 
 ``create("conv6", k=8)`` is the one entry point; ``slotpack train --model conv6`` reads the same
-registry. A slot model and its learned twin have identical layer lists, so a trained slot model
-can seed the twin for finetuning (``dense_from_slot``).
+registry. A slot model is its learned twin's layer list passed through ``slotify`` (the zoo is an
+ordinary use of it, not a second path), so a trained slot model can seed the twin for
+finetuning (``dense_from_slot``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from . import arch as A
 from . import prng, resnets
@@ -23,71 +25,30 @@ METHODS = ("slot", "learned")
 SlotLayer = SlotLinear | SlotConv2d
 
 
-def _weighted_module(
-    layer: A.Linear | A.Conv2d,
-    index: int,
-    method: str,
-    k: int,
-    selection: str,
-    seed: int,
-    device,
-    lean: bool = False,
-    score_dtype: str = "float32",
-    init: str = prng.DEFAULT_INIT,
-    stick: float = 0.0,
-) -> nn.Module:
-    if method == "slot":
-        common = dict(
-            seed=seed,
-            layer=index,
-            selection=selection,
-            bias=layer.bias,
-            device=device,
-            lean=lean,
-            score_dtype=score_dtype,
-            init=init,
-            stick=stick,
-        )
-        if isinstance(layer, A.Linear):
-            return SlotLinear(layer.in_features, layer.out_features, k, **common)
-        return SlotConv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            k,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-            **common,
-        )
+def _dense_module(layer: A.Linear | A.Conv2d, device) -> nn.Module:
+    """The torch layer of a zoo ``layer``, its weight uninitialised and its bias zero: slotify
+    drops the weight, ``_generator_init`` fills it for a learned twin."""
     if isinstance(layer, A.Linear):
-        module: nn.Module = nn.Linear(
-            layer.in_features, layer.out_features, layer.bias, device=device
-        )
+        args: tuple = (nn.Linear, layer.in_features, layer.out_features, layer.bias)
     else:
-        module = nn.Conv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.groups,
-            layer.bias,
-            device=device,
-        )
-    # Learned baselines start from Glorot-uniform values drawn from the same generator (slot 0 of
-    # a K=1 bank), so their initialisation is as reproducible as the slot models'.
-    bound = prng.glorot_bound(*layer.fans)
-    n = module.weight.numel()
-    with torch.no_grad():
-        module.weight.copy_(
-            prng.bank_torch(seed, index, n, 1, bound, device).view_as(module.weight)
-        )
-        if module.bias is not None:
+        args = (nn.Conv2d, layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                layer.padding, layer.dilation, layer.groups, layer.bias)  # fmt: skip
+    # skip_init builds on meta and moves to ``device``: None must mean torch's default device
+    module = skip_init(*args, device=torch.empty(0).device if device is None else device)
+    if module.bias is not None:
+        with torch.no_grad():
             module.bias.zero_()
     return module
+
+
+@torch.no_grad()
+def _generator_init(module: nn.Module, layer: A.Linear | A.Conv2d, index: int, seed: int) -> None:
+    """Learned baselines start from Glorot-uniform values drawn from the same generator (slot 0
+    of a K=1 bank), so their initialisation is as reproducible as the slot models'."""
+    bound = prng.glorot_bound(*layer.fans)
+    n = module.weight.numel()
+    values = prng.bank_torch(seed, index, n, 1, bound, module.weight.device)
+    module.weight.copy_(values.view_as(module.weight))
 
 
 def _plain_module(layer: A.Layer) -> nn.Module:
@@ -123,35 +84,28 @@ class Net(nn.Sequential):
         init: str = prng.DEFAULT_INIT,
         stick: float | tuple[float, ...] = 0.0,
     ):
-        modules: list[nn.Module] = []
-        index = 0
         ks = layer_ks(arch, k)
         sticks = (stick,) * len(ks) if isinstance(stick, int | float) else tuple(stick)
         if len(sticks) != len(ks):
             raise ConfigError(f"{arch.name} has {len(ks)} weighted layers; got {len(sticks)} rates")
-        for layer in arch.layers:
-            if isinstance(layer, A.WEIGHTED):
-                modules.append(
-                    _weighted_module(
-                        layer,
-                        index,
-                        method,
-                        ks[index],
-                        selection,
-                        seed,
-                        device,
-                        lean,
-                        score_dtype,
-                        init,
-                        sticks[index],
-                    )
-                )
-                index += 1
-            else:
-                modules.append(_plain_module(layer))
+        modules = [
+            _dense_module(layer, device) if isinstance(layer, A.WEIGHTED) else _plain_module(layer)
+            for layer in arch.layers
+        ]
         super().__init__(*modules)
         if device is not None:
             self.to(device)  # BatchNorm running statistics
+        if method == "slot":  # the zoo is an ordinary use of slotify: layer i is weighted layer i
+            slotify(
+                self, ks, seed, selection=selection, init=init, lean=lean,
+                score_dtype=score_dtype, stick=sticks,
+            )  # fmt: skip
+        else:
+            weighted = [layer for layer in arch.layers if isinstance(layer, A.WEIGHTED)]
+            for index, (layer, module) in enumerate(
+                zip(weighted, self.weighted_layers(), strict=True)
+            ):
+                _generator_init(module, layer, index, seed)
         self.arch, self.method, self.k, self.selection, self.seed = arch, method, k, selection, seed
         self.lean, self.init = lean, init
 
