@@ -93,7 +93,7 @@ def order_key(seed: int, layer: int) -> int:
 
 
 def maximum_key(seed: int, layer: int) -> int:
-    """Key of the stream of the largest initial score, init "onedraw" (training only)."""
+    """Key of the stream of the largest initial score, inits "onedraw"/"onedraw16" (training only)."""
     return layer_key(seed ^ MAXIMUM_STREAM_SALT, layer)
 
 
@@ -221,8 +221,8 @@ def _halfword_shift(j: int) -> int:
 
 
 def _order_grid_np(seed: int, layer: int, positions: np.ndarray, k: int, rule: str) -> np.ndarray:
-    """The 24-bit initial draws that order a connection's slots (§1.8), slot-major: uint64
-    [K, len(positions)], so that a maximum over the slots is K-1 elementwise passes."""
+    """The initial draws that order a connection's slots (§1.8: 24-bit, 16-bit for "onedraw16"),
+    slot-major: uint64 [K, len(positions)], so a maximum over the slots is K-1 elementwise passes."""
     if rule == "onedraw16":  # counter i * ceil(K/4) + (k >> 2)
         w = -(-k // 4)
         outs = (np.arange(1, w + 1, dtype=np.uint64) * np.uint64(GAMMA)) + np.uint64(
@@ -274,7 +274,7 @@ def reference_np(seed: int, layer: int, n: int, k: int, bound: float, rule: str)
     """The reference slot (uint16) of connections 0..n-1 under ``rule`` (§1.8).
 
     "argmax": the first maximum of the "uniform" initial scores (K draws per connection);
-    "onedraw": one draw per connection; "draw": the first maximum of the fixed-draw stream's
+    "onedraw" and "onedraw16": half a draw per connection; "draw": the first maximum of the fixed-draw stream's
     24-bit integers (probabilistic models).
     """
     out = np.empty(n, dtype=np.uint16)
@@ -548,7 +548,8 @@ def initial_scores_torch(
 ) -> torch.Tensor:
     """Scores U[0, bound) on the 2**-24 grid, as the reference code's U(0, bound) initialisation.
 
-    ``init="onedraw"`` draws the same law with the argmax slot first (§1.8)."""
+    ``init="onedraw"`` draws the same law with the argmax slot first, ``"onedraw16"`` also the
+    others' order from 16-bit draws (§1.7-1.8)."""
     half = float(1 << (MANTISSA_BITS - 1))
     if init in ("onedraw", "onedraw16"):
         import torch
