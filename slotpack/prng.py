@@ -274,8 +274,8 @@ def reference_np(seed: int, layer: int, n: int, k: int, bound: float, rule: str)
     """The reference slot (uint16) of connections 0..n-1 under ``rule`` (§1.8).
 
     "argmax": the first maximum of the "uniform" initial scores (K draws per connection);
-    "onedraw" and "onedraw16": half a draw per connection; "draw": the first maximum of the fixed-draw stream's
-    24-bit integers (probabilistic models).
+    "onedraw" and "onedraw16": half a draw per connection; "draw": the first maximum of the
+    fixed-draw stream's 24-bit integers (probabilistic models).
     """
     out = np.empty(n, dtype=np.uint16)
     if rule in ("onedraw", "onedraw16"):  # contiguous pairs: each output's halves, high first
