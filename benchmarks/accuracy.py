@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, nargs="+", default=[0])
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--schedule", default=None, choices=["constant", "cosine", "step"])
+    p.add_argument(
+        "--milestones",
+        default=None,
+        help="epochs where --schedule step multiplies lr by gamma, e.g. 30",
+    )
     p.add_argument("--limit", type=int, default=None, help="first N training examples only")
     p.add_argument("--score-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--rate", type=float, default=0.0, help="rate-aware margin (train --rate)")
@@ -231,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                 seed=seed,
                 lr=args.lr,
                 schedule=args.schedule,
+                milestones=tuple(int(v) for v in args.milestones.split(","))
+                if args.milestones
+                else None,
                 limit=args.limit,
                 **(slots if args.method == "slot" else {}),
             )
@@ -246,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.layer_rate:
                 label += f"-rate{args.layer_rate.replace(',', '-')}"
             schedule = f"_{args.schedule}" if args.schedule else ""  # never the default's name
+            if args.milestones:
+                schedule += args.milestones.replace(",", "-")
             name = f"accuracy_{args.model}_{label}_e{args.epochs}_s{seed}{schedule}{args.tag}"
             out = args.runs / name
             record(name, cfg, out, root, args.device)

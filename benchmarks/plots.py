@@ -174,6 +174,8 @@ def frontier_points(
         tag += f", rate {rate}" if isinstance(rate, str) else ""
         tag += f", {cfg['epochs']} ep" + (", cosine" if cfg.get("schedule") == "cosine" else "")
         tag += ", onedraw16" if cfg.get("init") == "onedraw16" else ""  # the newer reference order
+        if cfg.get("schedule") == "step" and cfg.get("milestones"):
+            tag += ", lr x" + f"{cfg['gamma']:g} at " + ",".join(map(str, cfg["milestones"]))
         acc, index = dep["slot"]["ort_test_acc"], dep["slot"].get("index")
         plain = index["bits_bytes"] if index else dep["slot"]["bytes"]
         rows.append(dict(label=tag, bits=8 * plain / 266_200, acc=acc, seed=cfg["seed"],
