@@ -54,6 +54,7 @@ _LAZY = {
     "save": "slotpack.modelfile",
     "load_state_dict": "slotpack.modelfile",
     "pack_module": "slotpack.modelfile",
+    "pack_state_dict": "slotpack.modelfile",
     "export_onnx": "slotpack.onnx_export",
     "TrainConfig": "slotpack.train",
     "evaluate": "slotpack.train",

@@ -25,10 +25,10 @@ import torch
 from . import __version__, models, prng
 from . import arch as A
 from .datafiles import spec
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, SlotpackError
 from .format import MAX_K
-from .layers import score_torch_dtype
-from .modelfile import pack_module
+from .layers import SlotRecord, is_record, record_prefix, score_torch_dtype
+from .modelfile import pack_module, pack_state_dict
 from .pack import PackInfo, pack_model
 
 CHECKPOINT_VERSION = 1
@@ -259,11 +259,23 @@ class TrainConfig:
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """Read a checkpoint file or a run folder's ``best.pt`` safely (no arbitrary unpickling)."""
+    path = _checkpoint_path(path)
+    return _checked_checkpoint(read_torch_file(path), path)
+
+
+def _checkpoint_path(path: Path | str) -> Path:
+    """The file a run folder (its ``best.pt``) or checkpoint path names; CheckpointError if none."""
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path} (expected a run folder or a .pt file)")
+    return path
+
+
+def read_torch_file(path: Path) -> Any:
+    """What ``torch.save`` wrote to ``path``, read with ``weights_only=True`` (tensors and plain
+    values, never code); a CheckpointError says in a user's terms why it cannot be read."""
     problem = _archive_problem(path)
     if problem is not None:
         raise CheckpointError(f"cannot read checkpoint {path}: {problem}")
@@ -272,14 +284,25 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     except pickle.UnpicklingError:  # weights_only refused a class: a foreign or hostile file
         raise CheckpointError(
             f"cannot read checkpoint {path}: it holds Python objects, not only tensors and plain "
-            "values (not a slotpack checkpoint; slotpack never unpickles code)"
+            "values (slotpack never unpickles code; save a model's state_dict(), not the model)"
         ) from None
     except Exception:  # torch raises many types (KeyError, EOFError, ...) for foreign archives
         raise CheckpointError(
             f"cannot read checkpoint {path}: it is a zip archive but not a PyTorch checkpoint "
             "torch can load; train one with `slotpack train`"
         ) from None
+    return ckpt
+
+
+def _checked_checkpoint(ckpt: Any, path: Path) -> dict[str, Any]:
+    """``ckpt``, read from ``path``, if it is a well-formed slotpack run checkpoint."""
     if not isinstance(ckpt, dict) or ckpt.get("slotpack_checkpoint") != CHECKPOINT_VERSION:
+        if isinstance(ckpt, dict) and any(is_record(v) for v in ckpt.values()):
+            raise CheckpointError(
+                f"{path} is the state_dict of a slotified model, not a slotpack run checkpoint; "
+                f"`slotpack pack {path} -o model.slot` packs it (load that into your model with "
+                "slotpack.load_state_dict)"
+            )
         raise CheckpointError(
             f"{path} is not a slotpack checkpoint (version {CHECKPOINT_VERSION}); "
             "train one with `slotpack train`"
@@ -342,9 +365,15 @@ def _checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
     model = ckpt["model"]
     if not isinstance(model, dict):
         return f"'model' is a {type(model).__name__}, not a dict of tensors"
-    bad = [k for k, v in model.items() if not isinstance(k, str) or not torch.is_tensor(v)]
-    if bad:
-        return f"'model' entry {str(bad[0])!r:.60} is not a named tensor"
+    for key, value in model.items():
+        if isinstance(key, str) and torch.is_tensor(value):
+            continue
+        if not (isinstance(key, str) and record_prefix(key) is not None and is_record(value)):
+            return f"'model' entry {str(key)!r:.60} is not a named tensor"
+        try:  # a slot layer's record (layers.SlotRecord)
+            SlotRecord.from_state(value)
+        except CheckpointError as exc:
+            return f"'model' entry {key!r:.60}: {exc}"
     if not _is_int(ckpt["epoch"]) or not 0 <= ckpt["epoch"] < 2**31:
         return f"'epoch' must be an int in [0, 2**31), got {ckpt['epoch']!r:.60}"
     for key in ("val_acc", "best_val"):
@@ -387,11 +416,11 @@ def model_from_checkpoint(
     model = build_model(replace(cfg, lean=True) if meta or lean else cfg, device)
     state = ckpt["model"]
     if meta:
-        own = model.state_dict()
-        state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+        own = {k: v.dtype for k, v in model.state_dict().items() if torch.is_tensor(v)}
+        state = {k: v.to(own[k]) if k in own else v for k, v in state.items()}
     try:
         model.load_state_dict(state, assign=meta)
-    except RuntimeError as exc:
+    except (RuntimeError, CheckpointError) as exc:  # CheckpointError: a slot layer's record
         raise CheckpointError(
             f"checkpoint {ckpt['path']} does not fit {_describe(cfg)}: {str(exc).splitlines()[0]}"
         ) from None
@@ -404,22 +433,25 @@ def _describe(cfg: TrainConfig) -> str:
     return f"model {cfg.model} ({cfg.method}, K={cfg.layer_k or cfg.k}, {cfg.selection})"
 
 
-def _fit_problem(cfg: TrainConfig, state: dict[str, torch.Tensor], shown: int = 3) -> str | None:
+def _fit_problem(cfg: TrainConfig, state: dict[str, Any], shown: int = 3) -> str | None:
     """The first few missing and unexpected tensors and the first shape mismatch between a
     checkpoint's ``state`` and the model its config describes, built on the meta device (shapes
-    only, no memory, no generator work)."""
+    only, no memory, no generator work). Slot layers' records may be missing (checkpoints
+    written before layers recorded themselves); loading checks those present."""
     try:
         with torch.device("meta"):
-            expected = {n: tuple(t.shape) for n, t in build_model(cfg, "meta").state_dict().items()}
+            own = build_model(cfg, "meta").state_dict()
     except Exception:  # pragma: no cover - a layer that cannot be built on meta: torch checks
         return None
+    expected = {n: tuple(t.shape) for n, t in own.items() if torch.is_tensor(t)}
+    records = set(own) - set(expected)
 
     def names(keys: list[str]) -> str:
         more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
         return ", ".join(keys[:shown]) + more
 
     missing = [n for n in expected if n not in state]
-    unexpected = [n for n in state if n not in expected]
+    unexpected = [n for n in state if n not in expected and n not in records]
     parts = []
     if missing:
         parts.append(f"it lacks {names(missing)}")
@@ -466,13 +498,23 @@ def run_metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
 def pack_checkpoint(
     path: Path | str, *, encoding: str = "float32", index_encoding: str = "auto"
 ) -> tuple[bytes, PackInfo]:
-    """Pack a run folder (its best checkpoint) or a checkpoint file; loads it safely.
+    """Pack a run folder (its best checkpoint), a checkpoint file, or a file holding the bare
+    ``state_dict`` of a slotified model (``torch.save(slot.state_dict(), path)``); loads it
+    safely.
 
-    The network is built on torch's meta device (shapes, no values) and takes the checkpoint's
-    tensors in place of its parameters: packing needs the scores, never the K-value bank or the
-    initial scores, so nothing is generated (the bytes are those of ``pack_model`` on the model
-    training used)."""
-    ckpt = load_checkpoint(path)
+    For a run, the network is built on torch's meta device (shapes, no values) and takes the
+    checkpoint's tensors in place of its parameters: packing needs the scores, never the K-value
+    bank or the initial scores, so nothing is generated (the bytes are those of ``pack_model``
+    on the model training used). A bare ``state_dict`` becomes a weights-only file
+    (``modelfile.pack_state_dict``: the bytes of ``slotpack.save`` on the model that saved it)."""
+    file = _checkpoint_path(path)
+    loaded = read_torch_file(file)
+    if not (isinstance(loaded, dict) and "slotpack_checkpoint" in loaded):
+        try:
+            return pack_state_dict(loaded, encoding=encoding, index_encoding=index_encoding)
+        except SlotpackError as exc:
+            raise type(exc)(f"{file}: {exc}") from None
+    ckpt = _checked_checkpoint(loaded, file)
     if ckpt["config"].get("method") != "slot":
         raise CheckpointError(
             f"{ckpt['path']} holds a float32 model (--method {ckpt['config'].get('method')}), "

@@ -731,8 +731,9 @@ def _is_checkpoint(path: Path) -> bool:
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 def pack_cmd(source: Path, output: str, index_encoding: str, half: bool, force: bool) -> None:
-    """Pack a run folder (its best checkpoint) or checkpoint file into a .slot file, or
-    re-encode an existing .slot file (version 1 or 2) losslessly."""
+    """Pack a run folder (its best checkpoint), a checkpoint file, or the state_dict of a
+    slotified model (torch.save(slot.state_dict(), "checkpoint.pt"): a weights-only file) into a
+    .slot file, or re-encode an existing .slot file (version 1 or 2) losslessly."""
     from .atomic import check_output, write_bytes
 
     read = source / "best.pt" if source.is_dir() else source  # before the work, and again

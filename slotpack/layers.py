@@ -11,19 +11,32 @@ pass is the straight-through rule
 d loss / d score[i, k] = d loss / d w[i] * value[i, k].
 Scores may be stored in bfloat16 (half the memory of scores, their gradient and momentum); the
 bank, the selected weights and the products above stay float32 until the gradient is stored.
+
+A slot layer records itself in its ``state_dict`` (torch's extra state, key
+``<name>._extra_state``) as plain Python values that ``torch.load(weights_only=True)`` reads back:
+``{"slotpack": 1, "seed": int, "layer": int, "k": int, "selection": str, "init": str,
+"shape": [out, in/groups, kernel...]}`` (``SlotRecord``). With it a bare ``state_dict`` packs
+into a ``.slot`` file without the model (``modelfile.pack_state_dict``), and loads only into a
+slot layer with the same values (anything else is a CheckpointError naming the field). A
+``state_dict`` saved before layers recorded themselves has no such entry and still loads, strict
+or not.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, prng
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
+from .format import MAX_K
 
 SELECTIONS = ("greedy", "probabilistic")
 SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -164,6 +177,112 @@ def select_index(scores: torch.Tensor, selection: str, sample: bool, draw_key: i
         return scores.argmax(1)
 
 
+def reference_rule(selection: str, init: str) -> str:
+    """How a reader regenerates a layer's reference slot (docs/FORMAT.md §1.8): the fixed draw
+    for probabilistic selection, else the initial argmax of the layer's ``init``."""
+    if selection == "probabilistic":
+        return "draw"
+    return "argmax" if init == "uniform" else init  # onedraw, onedraw16
+
+
+# The key suffix torch gives a module's get_extra_state() in its state_dict, and the version of
+# the record a slot layer keeps there (module docstring).
+EXTRA_STATE = "_extra_state"
+RECORD_VERSION = 1
+
+
+def record_prefix(key: str) -> str | None:
+    """The module prefix (``""`` or ``"<name>."``) of a state_dict key that holds a module's extra
+    state, else None: ``"fc._extra_state"`` -> ``"fc."``."""
+    if key == EXTRA_STATE:
+        return ""
+    if key.endswith("." + EXTRA_STATE):
+        return key[: -len(EXTRA_STATE)]
+    return None
+
+
+def is_record(value: Any) -> bool:
+    """Whether a state_dict value claims to be a slot layer's record (``SlotRecord.from_state``
+    then checks it): a dict with the ``"slotpack"`` marker."""
+    return isinstance(value, dict) and "slotpack" in value
+
+
+def _int_in(value: Any, lo: int, hi: int) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and lo <= value < hi
+
+
+def _record_problem(state: Any) -> str | None:
+    """What is wrong with a slot layer's record as read from a file, if anything."""
+    if not isinstance(state, dict):
+        return f"it is a {type(state).__name__}, not a dict"
+    version = state.get("slotpack")
+    if type(version) is not int or version != RECORD_VERSION:
+        return f"version {version!r:.40}; this slotpack reads version {RECORD_VERSION}"
+    names = {"slotpack", *(f.name for f in fields(SlotRecord))}
+    if set(state) != names:
+        missing, unknown = sorted(names - set(state)), sorted(map(str, set(state) - names))
+        return f"missing {missing}" if missing else f"unknown keys {unknown}"
+    shape = state["shape"]
+    sizes = isinstance(shape, list | tuple) and 2 <= len(shape) <= 5  # as files hold (§2.8)
+    checks = {
+        "seed": _int_in(state["seed"], 0, 2**64),
+        "layer": _int_in(state["layer"], 0, 2**31),
+        "k": _int_in(state["k"], 2, MAX_K + 1),
+        "selection": state["selection"] in SELECTIONS,
+        "init": state["init"] in prng.INITS,
+        "shape": sizes and all(_int_in(n, 1, 2**31 + 1) for n in shape),
+    }
+    bad = next((name for name, ok in checks.items() if not ok), None)
+    return None if bad is None else f"{bad} {state[bad]!r:.60} is out of range or of the wrong type"
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    """What a slot layer records about itself in its state_dict (module docstring): everything
+    besides its scores that a reader needs to regenerate its values and deployed index."""
+
+    seed: int
+    layer: int  # the generator's layer number
+    k: int
+    selection: str
+    init: str
+    shape: tuple[int, ...]  # the dense weight's shape
+
+    def to_state(self) -> dict[str, Any]:
+        """The record as plain Python values (what ``get_extra_state`` returns)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"slotpack": RECORD_VERSION, **values, "shape": list(self.shape)}
+
+    @classmethod
+    def from_state(cls, state: Any) -> SlotRecord:
+        """The record a state_dict holds; a CheckpointError names what is malformed."""
+        problem = _record_problem(state)
+        if problem is not None:
+            raise CheckpointError(f"malformed slot layer record: {problem}")
+        values = {f.name: state[f.name] for f in fields(cls)}
+        return cls(**{**values, "shape": tuple(int(n) for n in state["shape"])})
+
+    @property
+    def reference_rule(self) -> str:
+        """This layer's reference rule (``reference_rule``)."""
+        return reference_rule(self.selection, self.init)
+
+    def deployed_index(self, scores: torch.Tensor) -> torch.Tensor:
+        """The flat index (int64) evaluation uses with these ``scores`` [connections, K]: their
+        argmax (greedy), or the fixed seeded draw (probabilistic); see ``select_index``."""
+        key = prng.draw_key(self.seed, self.layer)
+        return select_index(scores, self.selection, sample=False, draw_key=key)
+
+    def mismatch(self, saved: SlotRecord) -> str | None:
+        """The first field in which ``saved`` differs from this record, said in words."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(saved, f.name)
+            if mine != theirs:
+                show = list if f.name == "shape" else repr
+                return f"{f.name} {show(theirs)} in the state_dict, {show(mine)} in this model"
+        return None
+
+
 class _SlotMixin(nn.Module):
     """State shared by SlotLinear and SlotConv2d: scores, the bank and selection."""
 
@@ -227,9 +346,55 @@ class _SlotMixin(nn.Module):
     @property
     def reference_rule(self) -> str:
         """How a reader regenerates this layer's reference slot (docs/FORMAT.md §1.8)."""
-        if self.selection == "probabilistic":
-            return "draw"
-        return "argmax" if self.init == "uniform" else self.init  # onedraw, onedraw16
+        return reference_rule(self.selection, self.init)
+
+    @property
+    def record(self) -> SlotRecord:
+        """What this layer records in its state_dict (module docstring)."""
+        shape = tuple(int(n) for n in self.weight_shape)
+        return SlotRecord(
+            int(self.seed), int(self.layer), int(self.k), self.selection, self.init, shape
+        )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """This layer's record, as plain values: what its state_dict holds besides tensors."""
+        return self.record.to_state()
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check a state_dict's record against this layer; nothing is set (seed, number, K,
+        selection, init and shape define the layer). A mismatch is a CheckpointError."""
+        mismatch = self.record.mismatch(SlotRecord.from_state(state))
+        if mismatch is not None:
+            raise CheckpointError(
+                f"{mismatch}; scores load only into a layer slotified as the one that saved them"
+            )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        try:
+            super()._load_from_state_dict(
+                state_dict,
+                prefix,
+                local_metadata,
+                strict,
+                missing_keys,
+                unexpected_keys,
+                error_msgs,
+            )
+        except CheckpointError as exc:  # from set_extra_state: name the layer
+            name = prefix[:-1] or "<root>"
+            raise CheckpointError(f"slot layer {name!r} (layer {self.layer}): {exc}") from None
+        key = prefix + EXTRA_STATE
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)  # saved before slot layers recorded themselves: still loads
 
     def selected_index(self) -> torch.Tensor:
         """Flat [connections] index of the value each connection uses now (``select_index``)."""

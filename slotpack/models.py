@@ -18,7 +18,7 @@ from . import arch as A
 from . import prng, resnets
 from .errors import ConfigError
 from .format import MAX_K
-from .layers import SELECTIONS, SlotConv2d, SlotLinear, score_torch_dtype
+from .layers import EXTRA_STATE, SELECTIONS, SlotConv2d, SlotLinear, score_torch_dtype
 from .modules import SUPPORTED, dense_state_dict, slotify
 
 METHODS = ("slot", "learned")
@@ -226,7 +226,11 @@ def dense_from_slot(model: nn.Module) -> nn.Module:
         dense.load_state_dict(dense_state_dict(model))
         return dense
     dense = Net(model.arch, "learned", model.k, model.selection, model.seed, device)
-    model_state = {k: v for k, v in model.state_dict().items() if not k.endswith(".scores")}
+    model_state = {  # biases and BatchNorm: not the slot layers' scores and records
+        k: v
+        for k, v in model.state_dict().items()
+        if not k.endswith((".scores", f".{EXTRA_STATE}"))
+    }
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -33,13 +33,13 @@ from . import prng
 from .errors import ConfigError
 from .format import MAX_K
 from .layers import (
+    EXTRA_STATE,
     SELECTIONS,
     SlotConv1d,
     SlotConv2d,
     SlotLinear,
     _SlotMixin,
     score_torch_dtype,
-    select_index,
 )
 
 # The dense types slotify replaces, and the kind name slot_layer_info reports for each.
@@ -178,8 +178,7 @@ def param_groups(
 def deployed_index(layer: _SlotMixin) -> torch.Tensor:
     """The flat index (int64) evaluation uses, whatever the layer's mode: the argmax of the
     scores (greedy) or the fixed seeded draw (probabilistic); see ``layers.select_index``."""
-    key = prng.draw_key(layer.seed, layer.layer)
-    return select_index(layer.scores, layer.selection, sample=False, draw_key=key)
+    return layer.record.deployed_index(layer.scores)
 
 
 @torch.no_grad()
@@ -195,18 +194,21 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Each slot layer's ``scores`` become ``<name>.weight``, its deployed weight (``deployed_weight``);
     biases, BatchNorm statistics and every other entry are ``model.state_dict()``'s own, in its
-    order. So ``dense.load_state_dict(dense_state_dict(slot), strict=True)`` works, and ``dense``
-    computes in eval mode what ``slot`` computes in eval mode."""
-    prefixes = {
-        _join(name, "scores"): m
+    order; slot layers' records (``layers.SlotRecord``) are left out. So
+    ``dense.load_state_dict(dense_state_dict(slot), strict=True)`` works, and ``dense`` computes
+    in eval mode what ``slot`` computes in eval mode."""
+    slots = [
+        (name, m)
         for name, m in model.named_modules(remove_duplicate=False)
         if isinstance(m, _SlotMixin)
-    }
+    ]
+    scores = {_join(name, "scores"): m for name, m in slots}
+    records = {_join(name, EXTRA_STATE) for name, _ in slots}
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        if key in prefixes:
-            out[key[: -len("scores")] + "weight"] = deployed_weight(prefixes[key])
-        else:
+        if key in scores:
+            out[key[: -len("scores")] + "weight"] = deployed_weight(scores[key])
+        elif key not in records:
             out[key] = value
     return out
 

@@ -14,6 +14,13 @@ def one_line_error(result, *needles: str) -> None:
         assert needle in error[0], error[0]
 
 
+def states_equal(a: dict, b: dict) -> bool:
+    """Two state_dicts hold the same keys, tensors (``torch.equal``) and slot layer records."""
+    return a.keys() == b.keys() and all(
+        torch.equal(v, b[k]) if torch.is_tensor(v) else v == b[k] for k, v in a.items()
+    )
+
+
 def trained_like(model, seed: int = 0):
     """Random scores, biases and BatchNorm statistics, so selections and tensors are not the
     initial ones; returns the model in eval mode."""

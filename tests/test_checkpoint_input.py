@@ -49,6 +49,14 @@ def _config(**change):
     return lambda c: {**c, "config": {**c["config"], **change}}
 
 
+def _record(**change):
+    """A checkpoint whose first slot layer's record (layers.SlotRecord) is changed."""
+    return lambda c: {
+        **c,
+        "model": {**c["model"], "1._extra_state": {**c["model"]["1._extra_state"], **change}},
+    }
+
+
 HOSTILE = {  # each torch.load(weights_only=True)s fine: no pickle, only primitives and tensors
     "string K": (_config(k="8"), "k must be int"),
     "huge K": (_config(k=2**31), "K must be >= 2 and <= 65536"),
@@ -57,6 +65,8 @@ HOSTILE = {  # each torch.load(weights_only=True)s fine: no pickle, only primiti
     "config a list": (lambda c: {**c, "config": list(c["config"].items())}, "config is a list"),
     "model a list": (lambda c: {**c, "model": list(c["model"].values())}, "'model' is a list"),
     "model of strings": (lambda c: {**c, "model": {"1.scores": "x"}}, "not a named tensor"),
+    "record of strings": (_record(seed="0"), "malformed slot layer record: seed '0'"),
+    "record of a version to come": (_record(slotpack=2), "version 2"),
     "numeric model name": (_config(model=5), "model must be str"),
     "unknown model name": (_config(model="alexnet"), "unknown model"),
     "model name missing": (lambda c: {**c, "config": {"k": 2}}, "config lacks ['model']"),

@@ -146,6 +146,9 @@ def test_two_gloo_ranks_train_like_one_process(mnist_root, tmp_path, reduce):
     single = load_checkpoint(tmp_path / "single" / "last.pt")["model"]
     for name, scores in single.items():
         other = ddp_last["model"][name]
+        if not torch.is_tensor(scores):  # a slot layer's record: seed, number, K, ...
+            assert other == scores, name
+            continue
         # Same data, same gradient up to float summation order over 20 steps.
         torch.testing.assert_close(other, scores, rtol=0, atol=1e-6)
         agree = (other.argmax(1) == scores.argmax(1)).float().mean().item()

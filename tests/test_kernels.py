@@ -17,6 +17,7 @@ import torch
 from slotpack import kernels, layers, prng
 from slotpack.errors import ConfigError
 from slotpack.train import load_checkpoint, pack_checkpoint, train
+from tests.helpers import states_equal
 
 sys.path.insert(0, str(Path(__file__).parent))
 import kernel_interp  # noqa: E402
@@ -107,7 +108,7 @@ def test_training_on_the_kernels_packs_the_same_file(interp, mnist_root, tmp_pat
     assert json.loads((run / "result.json").read_text())["kernel"] == "triton"
     a = load_checkpoint(run / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "torch" / "last.pt")["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert states_equal(a, b)
     assert (run / "model.slot").read_bytes() == pack_checkpoint(tmp_path / "torch" / "last.pt")[0]
 
 

@@ -16,7 +16,7 @@ from slotpack.cli import main
 from slotpack.errors import RegistryError
 from slotpack.modelfile import load_state_dict
 from slotpack.modules import dense_state_dict, slot_layer_info
-from tests.helpers import one_line_error, trained_like
+from tests.helpers import one_line_error, states_equal, trained_like
 
 # ResNet-20 with option-A shortcuts: He et al.'s "0.27M"; ResNet-18 (CIFAR stem): 11.2M.
 WEIGHTS = {"resnet20": 268_336, "resnet18": 11_164_352}
@@ -86,7 +86,7 @@ def test_module_models_depend_on_the_seed_alone():
         a = models.create("resnet20", 4, method=method, seed=5).state_dict()
         torch.manual_seed(2)
         b = models.create("resnet20", 4, method=method, seed=5).state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert states_equal(a, b)
 
 
 @pytest.fixture()

@@ -141,7 +141,11 @@ def test_checkpoint_holds_config_seed_and_scores_not_the_bank(mnist_root, tmp_pa
     raw = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert raw["config"]["seed"] == 3 and raw["config"]["k"] == 8
     assert raw["config"]["selection"] == "greedy" and raw["config"]["model"] == "lenet300100"
-    assert sorted(raw["model"]) == ["1.scores", "3.scores", "5.scores"]
+    tensors = sorted(k for k, v in raw["model"].items() if torch.is_tensor(v))
+    assert tensors == ["1.scores", "3.scores", "5.scores"]
+    records = [raw["model"][f"{n}._extra_state"] for n in (1, 3, 5)]  # each slot layer's record
+    assert [(r["seed"], r["layer"], r["k"]) for r in records] == [(3, 0, 8), (3, 1, 8), (3, 2, 8)]
+    assert len(raw["model"]) == 6
     assert raw["model"]["1.scores"].shape == (300 * 784, 8)
     model, cfg = load_model(tmp_path / "run")
     assert cfg.seed == 3 and model.seed == 3
