@@ -728,15 +728,19 @@ def _weights(m: dict[str, Any], version: int, layers, tensors) -> tuple[Weights,
         else:
             entry = m["layers"][pos]
             k = _int(entry["k"], f"layer {pos} k", 2, MAX_K)
-            rule = entry["reference"]
-            if not isinstance(rule, str) or rule not in prng.REFERENCE_RULES:
-                raise ManifestError(
-                    f"layer {pos}: reference {_shown(rule)} is not one of "
-                    f"{', '.join(prng.REFERENCE_RULES)}"
-                )
+            rule = _reference_rule(entry["reference"], f"layer {pos}")
         out.append(Weights(pos, number, layer, k, rule, roles["indices"]))
         number += 1
     return tuple(out)
+
+
+def _reference_rule(rule: Any, where: str) -> str:
+    """A weighted layer's ``reference`` (§1.8), or the ManifestError naming ``where``."""
+    if not isinstance(rule, str) or rule not in prng.REFERENCE_RULES:
+        raise ManifestError(
+            f"{where}: reference {_shown(rule)} is not one of {', '.join(prng.REFERENCE_RULES)}"
+        )
+    return rule
 
 
 def _named_weights(entries: Any) -> tuple[Weights, ...]:
@@ -764,12 +768,7 @@ def _named_weights(entries: Any) -> tuple[Weights, ...]:
                 f"{where} ({name}): {math.prod(dims):,} connections (most {MAX_DIM:,})"
             )
         k = _int(entry["k"], f"{where} ({name}) k", 2, MAX_K)
-        rule = entry["reference"]
-        if not isinstance(rule, str) or rule not in prng.REFERENCE_RULES:
-            raise ManifestError(
-                f"{where} ({name}): reference {_shown(rule)} is not one of "
-                f"{', '.join(prng.REFERENCE_RULES)}"
-            )
+        rule = _reference_rule(entry["reference"], f"{where} ({name})")
         out.append(Weights(j, j, A.Weight(dims), k, rule, name))
     return tuple(out)
 

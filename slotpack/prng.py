@@ -50,6 +50,8 @@ ORDER_STREAM_SALT = 0x6F5D6F5D6F5D6F5D
 INITS = ("uniform", "onedraw", "onedraw16")
 DEFAULT_INIT = "onedraw16"  # new runs: the cheapest reference and reference order for a reader
 ORDER_BITS = 16
+# The inits (and greedy reference rules of the same name) whose reference slot is one draw.
+ONEDRAW = ("onedraw", "onedraw16")
 # numpy halves work on blocks of this many counters: their uint64 temporaries (128 KiB each) stay
 # in L2, and small models keep the peak memory of a rebuild under twice their dense size.
 NP_BLOCK = 1 << 14
@@ -204,7 +206,7 @@ def initial_scores_np(
     seed: int, layer: int, n: int, k: int, bound: float, init: str = "uniform"
 ) -> np.ndarray:
     """The initial scores float32 [n, k] of §1.7 (numpy twin of :func:`initial_scores_torch`)."""
-    if init in ("onedraw", "onedraw16"):
+    if init in ONEDRAW:
         return _onedraw_scores_np(seed, layer, n, k, bound, init)
     grid = _grid_np(score_key(seed, layer), 0, n * k).astype(np.float32)
     grid *= np.float32(bound)
@@ -250,7 +252,7 @@ def _first_max(keys: np.ndarray) -> np.ndarray:
 def _reference_at(
     seed: int, layer: int, positions: np.ndarray, k: int, bound: float, rule: str
 ) -> np.ndarray:
-    if rule in ("onedraw", "onedraw16"):  # two connections per output: high half, then low
+    if rule in ONEDRAW:  # two connections per output: high half, then low
         pos = positions.astype(np.uint64)
         z = _splitmix(pos >> np.uint64(1), reference_key(seed, layer), _NP)
         odd = (pos & np.uint64(1)).astype(bool)
@@ -278,7 +280,7 @@ def reference_np(seed: int, layer: int, n: int, k: int, bound: float, rule: str)
     fixed-draw stream's 24-bit integers (probabilistic models).
     """
     out = np.empty(n, dtype=np.uint16)
-    if rule in ("onedraw", "onedraw16"):  # contiguous pairs: each output's halves, high first
+    if rule in ONEDRAW:  # contiguous pairs: each output's halves, high first
         key, mask, k64 = reference_key(seed, layer), np.uint64(0xFFFFFFFF), np.uint64(k)
         for a in range(0, n, 2 * NP_BLOCK):
             b = min(n, a + 2 * NP_BLOCK)
@@ -551,7 +553,7 @@ def initial_scores_torch(
     ``init="onedraw"`` draws the same law with the argmax slot first, ``"onedraw16"`` also the
     others' order from 16-bit draws (§1.7-1.8)."""
     half = float(1 << (MANTISSA_BITS - 1))
-    if init in ("onedraw", "onedraw16"):
+    if init in ONEDRAW:
         import torch
 
         ref = reference_torch(seed, layer, n, k, device)
