@@ -309,8 +309,9 @@ HEAVY = 1 << 23  # generator outputs past which a file "declares much" (about 0.
 
 def declared_work(data: bytes) -> int | None:
     """Generator outputs a reader spends on the file's indices, from its manifest alone: per
-    connection one (rule onedraw) or K (argmax, draw), plus K per changed connection of a delta
-    section (its reference order); None when the reader refuses the file."""
+    connection one (rules onedraw, onedraw16) or K (argmax, draw), plus K per changed connection
+    of a delta section (its reference order), 2K in the crossing order (values and scores); None
+    when the reader refuses the file."""
     try:
         slot = F.decode(data, verify=False)
     except Exception:  # refused, or a reader bug that the checks report
@@ -318,5 +319,6 @@ def declared_work(data: bytes) -> int | None:
     work = 0
     for w in slot.weights:
         s = slot.sections[w.section]
-        work += w.count * (1 if w.reference == "onedraw" else w.k) + s.changes * w.k
+        per_change = w.k * (1 if s.crossing is None else 2)
+        work += w.count * (1 if w.reference in prng.ONEDRAW else w.k) + s.changes * per_change
     return work

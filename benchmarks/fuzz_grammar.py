@@ -249,12 +249,15 @@ def _assemble(d: _Draft) -> None:
         body = d.bodies.get(entry["name"])
         if isinstance(body, D.Delta):
             entry.update(changes=body.changes, gap_param=body.gap_param, rank_param=body.rank_param)
-            entry.pop("gap_code", None)
+            for key in F.DELTA_OPTIONAL:
+                entry.pop(key, None)
             if body.gap_code != "rice":
                 entry["gap_code"] = body.gap_code
+            if body.crossing is not None:
+                entry["crossing"] = body.crossing
             body = body.data
         else:
-            for key in (*F.DELTA_KEYS, "gap_code"):
+            for key in (*F.DELTA_KEYS, *F.DELTA_OPTIONAL):
                 entry.pop(key, None)
         payload += bytes(align8(len(payload)) - len(payload))
         entry.update(offset=len(payload), length=len(body), crc32=crc(body))
@@ -620,11 +623,15 @@ def m_delta_random(d: _Draft) -> str | None:
         body = b""
         if changes:
             body = D.rice_encode(gaps, gap) if code == "rice" else D.eg_encode(gaps, gap)
+        crossing = None
         if k > 2 and changes:
             body += D.rice_encode(rng.integers(0, k - 1, changes), rank)
+            rule = d.manifest["layers"][int(s["name"].split(".")[0])].get("reference")
+            if rule in prng.CROSSING_SCALE and rng.random() < 0.5:  # ranks in the crossing order
+                crossing = int(rng.integers(0, prng.MAX_MARGIN + 1))
         else:
             rank = 0
-        d.bodies[s["name"]] = D.Delta(body, changes, gap, rank, code)
+        d.bodies[s["name"]] = D.Delta(body, changes, gap, rank, code, crossing)
         if rng.random() < 0.7 or not body:
             return "valid"  # the reader takes any parameters in range, not only the best ones
         body = bytearray(body)
@@ -632,7 +639,7 @@ def m_delta_random(d: _Draft) -> str | None:
             body[int(rng.integers(len(body)))] ^= 1 << int(rng.integers(8))
         else:
             body.append(int(rng.integers(256)))
-        d.bodies[s["name"]] = D.Delta(bytes(body), changes, gap, rank, code)
+        d.bodies[s["name"]] = D.Delta(bytes(body), changes, gap, rank, code, crossing)
         return None
     changes = _pick(rng, [0, 1, 2, int(rng.integers(0, count + 1)), count, count + 1])
     size = _pick(rng, [0, 1, 2, 3, max(0, changes // 4), int(rng.integers(0, 40))])
@@ -641,7 +648,8 @@ def m_delta_random(d: _Draft) -> str | None:
         body = bytes(b | 0xFE for b in body)
     rank = 0 if k == 2 and rng.random() < 0.8 else int(rng.integers(0, 17))
     code = _pick(rng, list(D.GAP_CODES))
-    d.bodies[s["name"]] = D.Delta(body, changes, int(rng.integers(0, 33)), rank, code)
+    crossing = _pick(rng, [None, None, int(rng.integers(-1, prng.MAX_MARGIN + 2))])
+    d.bodies[s["name"]] = D.Delta(body, changes, int(rng.integers(0, 33)), rank, code, crossing)
     return None
 
 
@@ -670,15 +678,17 @@ def m_delta_params(d: _Draft) -> str | None:
         return "skip"
     name = _pick(d.rng, deltas)
     body = d.bodies[name]
-    which = _pick(d.rng, ["changes", "gap_param", "rank_param", "gap_code"])
+    which = _pick(d.rng, ["changes", "gap_param", "rank_param", "gap_code", "crossing"])
     step = _pick(d.rng, [-1, 1])
     values = {"changes": body.changes, "gap_param": body.gap_param, "rank_param": body.rank_param}
-    code = body.gap_code
+    code, crossing = body.gap_code, body.crossing
     if which == "gap_code":  # the other code reads the same streams differently
         code = "rice" if code == "expgolomb" else "expgolomb"
+    elif which == "crossing":  # the other rank order, or another margin: other valid indices
+        crossing = 0 if crossing is None else _pick(d.rng, [None, max(0, crossing + step)])
     else:
         values[which] = max(0, values[which] + step)
-    d.bodies[name] = D.Delta(body.data, **values, gap_code=code)
+    d.bodies[name] = D.Delta(body.data, **values, gap_code=code, crossing=crossing)
     return None
 
 

@@ -785,7 +785,7 @@ def inspect_cmd(path: Path, as_json: bool, verify: bool) -> None:
         click.echo(json.dumps(report, sort_keys=True))
         return
     head = (
-        f"{'layer':>5s} {'op':10s} {'shape':18s} {'K':>5s} {'indices':>8s} {'changed':>8s} "
+        f"{'layer':>5s} {'op':10s} {'shape':18s} {'K':>5s} {'indices':>10s} {'changed':>8s} "
         f"{'bits/conn':>9s} {'bytes':>10s} {'vs fp32':>8s}"
     )
     click.echo(head)
@@ -796,11 +796,13 @@ def inspect_cmd(path: Path, as_json: bool, verify: bool) -> None:
         enc = r["encoding"] if weighted else ""
         if r.get("gap_code") == "expgolomb":  # gaps Exp-Golomb-coded rather than Rice
             enc += "-eg"
+        if r.get("crossing") is not None:  # ranks in the crossing order (FORMAT §1.8)
+            enc += "-x"
         changed = f"{100 * r['changed_fraction']:7.2f}%" if weighted else ""
         bpc = f"{r['bits_per_connection']:9.3f}" if weighted else ""
         click.echo(
             f"{r['position']:5d} {r.get('name', r['op']):10s} {'x'.join(map(str, r['shape'])):18s} {k:>5s} "
-            f"{enc:>8s} {changed:>8s} {bpc:>9s} {r['bytes']:10,d} {r['ratio']:7.2f}x"
+            f"{enc:>10s} {changed:>8s} {bpc:>9s} {r['bytes']:10,d} {r['ratio']:7.2f}x"
         )
     t = report["total"]
     click.echo("-" * len(head))

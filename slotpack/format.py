@@ -71,7 +71,9 @@ WEIGHT_KEYS = {"name", "shape", "k", "reference"}
 MAX_WEIGHT_DIMS = 5  # [out, in] up to [out, in, d, h, w]
 WEIGHTED_KEYS_V2 = {"k", "reference"}  # version 2: every weighted layer carries its own K
 SECTION_KEYS = {"name", "encoding", "shape", "offset", "length", "crc32"}
-DELTA_KEYS = {"changes", "gap_param", "rank_param"}  # and "gap_code" for Exp-Golomb gaps
+DELTA_KEYS = {"changes", "gap_param", "rank_param"}
+# and, when they apply: "gap_code" for Exp-Golomb gaps, "crossing" for ranks in the crossing order
+DELTA_OPTIONAL = ("gap_code", "crossing")
 ROLES = {
     "linear": ("indices", "bias"),
     "conv2d": ("indices", "bias"),
@@ -129,6 +131,7 @@ class Section:
     gap_param: int = 0
     rank_param: int = 0
     gap_code: str = "rice"  # and how the gaps are coded
+    crossing: int | None = None  # the crossing order's margin (§1.8); None: the reference order
 
     @property
     def count(self) -> int:
@@ -232,7 +235,9 @@ class SlotFile:
         positions, ranks = self.streams[name]
 
         def slot_at(pos: np.ndarray, rank: np.ndarray, ref: np.ndarray) -> np.ndarray:
-            return prng.slots_at_ranks_np(self.seed, w.number, pos, rank, ref, w.k, w.reference)
+            return prng.slots_at_ranks_np(
+                self.seed, w.number, pos, rank, ref, w.k, w.reference, s.crossing
+            )
 
         return D.expand(positions, ranks, w.k, self.reference(w), slot_at)
 
@@ -369,6 +374,8 @@ def _lay_out(
             entry.update(changes=data.changes, gap_param=data.gap_param, rank_param=data.rank_param)
             if data.gap_code != "rice":  # Rice, the first code, goes without saying
                 entry["gap_code"] = data.gap_code
+            if data.crossing is not None:  # so does the reference order
+                entry["crossing"] = data.crossing
             data = data.data
         payload += bytes(_align8(offset) - offset)
         offset = _align8(offset)
@@ -783,6 +790,7 @@ def _validate_sections(
     if not isinstance(entries, list):
         raise ManifestError("sections must be a list")
     index_k = {w.section: w.k for w in weights}
+    rules = {w.section: w.reference for w in weights}
     counts = {w.section: w.count for w in weights}
     element = {**ENCODINGS, **(extra or {})}
     known = (*element, *INDEX_ENCODINGS[version][1:])
@@ -791,7 +799,7 @@ def _validate_sections(
     for i, entry in enumerate(entries):
         where = f"section {i}"
         is_delta = isinstance(entry, dict) and entry.get("encoding") == "delta" and version >= 2
-        delta_keys = DELTA_KEYS | ({"gap_code"} if is_delta and "gap_code" in entry else set())
+        delta_keys = DELTA_KEYS | {key for key in DELTA_OPTIONAL if is_delta and key in entry}
         _keys(entry, SECTION_KEYS | (delta_keys if is_delta else set()), where)
         name, encoding = entry["name"], entry["encoding"]
         if not isinstance(name, str) or name in sections:
@@ -817,9 +825,11 @@ def _validate_sections(
         length = _int(entry["length"], f"{where} ({name}) length", 0, payload_length)
         offset = _int(entry["offset"], f"{where} ({name}) offset", 0, payload_length)
         crc = _int(entry["crc32"], f"{where} ({name}) crc32", 0, 0xFFFFFFFF)
-        params: tuple = (0, 0, 0, "rice")
+        params: tuple = (0, 0, 0, "rice", None)
         if encoding == "delta":
-            params = _delta_params(entry, count, index_k[name], length, f"{where} ({name})")
+            params = _delta_params(
+                entry, count, index_k[name], rules[name], length, f"{where} ({name})"
+            )
             expected = length  # the decoder checks that the streams fill it exactly
         elif encoding == "bits":
             expected = B.packed_length(count, B.bits_for(index_k[name]))
@@ -847,8 +857,8 @@ def _validate_sections(
 
 
 def _delta_params(
-    entry: dict[str, Any], count: int, k: int, length: int, where: str
-) -> tuple[int, ...]:
+    entry: dict[str, Any], count: int, k: int, rule: str, length: int, where: str
+) -> tuple[int, int, int, str, int | None]:
     changes = _int(entry["changes"], f"{where} changes", 0, count)
     g = _int(entry["gap_param"], f"{where} gap_param", 0, D.MAX_GAP_PARAM)
     r = _int(entry["rank_param"], f"{where} rank_param", 0, D.MAX_RANK_PARAM)
@@ -857,12 +867,20 @@ def _delta_params(
         raise ManifestError(
             f'{where}: gap_code must be "expgolomb" (Rice gaps omit the key), got {_shown(code)}'
         )
-    if changes == 0 and (g or r or length or "gap_code" in entry):
+    if changes == 0 and (g or r or length or "gap_code" in entry or "crossing" in entry):
         raise LayoutError(f"{where}: no changes, so length and parameters must be 0")
+    crossing = None
+    if "crossing" in entry:
+        if k == 2 or rule not in prng.CROSSING_SCALE:
+            raise ManifestError(
+                f"{where}: crossing applies to K > 2 and the rules "
+                f"{', '.join(prng.CROSSING_SCALE)}, not K={k} with {rule}"
+            )
+        crossing = _int(entry["crossing"], f"{where} crossing", 0, prng.MAX_MARGIN)
     # each unary stream (one, or two above K=2) holds at least one bit per change
     if length < (1 if k == 2 else 2) * -(-changes // 8):
         raise LayoutError(f"{where}: {length} bytes cannot hold {changes} changes")
-    return changes, g, r, code
+    return changes, g, r, code, crossing
 
 
 def _check_references(layers, tensors, sections: dict[str, Section]) -> None:

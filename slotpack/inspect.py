@@ -75,6 +75,7 @@ def _index_columns(slot: F.SlotFile, w: F.Weights) -> dict[str, Any]:
     return {
         "encoding": s.encoding,
         "gap_code": s.gap_code if s.encoding == "delta" else None,
+        "crossing": s.crossing if s.encoding == "delta" else None,
         "reference": w.reference,
         "changed": changed,
         "changed_fraction": changed / n if n else 0.0,

@@ -103,7 +103,10 @@ def encode_indices(
         index,
         ref,
         k,
-        lambda pos, slots, refs: prng.ranks_np(seed, number, pos, slots, refs, k, reference),
+        lambda pos, slots, refs, crossing: prng.ranks_np(
+            seed, number, pos, slots, refs, k, reference, crossing
+        ),
+        crossing=reference in prng.CROSSING_SCALE,
     )
     if encoding == "delta" or len(delta.data) < len(bits[1]):
         return "delta", delta

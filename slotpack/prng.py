@@ -231,17 +231,63 @@ def _order_grid_np(seed: int, layer: int, positions: np.ndarray, k: int, rule: s
             order_key(seed, layer)
         )
         z = _mix_np(outs[:, None] + positions.astype(np.uint64) * np.uint64((w * GAMMA) & MASK64))
-        out = np.empty((k, positions.size), dtype=np.uint64)
-        for j in range(k):
-            np.right_shift(z[j >> 2], np.uint64(_halfword_shift(j)), out=out[j])
+        slots = np.arange(k)
+        out = z[slots >> 2]  # [K, n]: slot j's output, then its 16 bits (highest first)
+        out >>= (np.uint64(48) - np.uint64(16) * (slots & 3).astype(np.uint64))[:, None]
         out &= np.uint64(0xFFFF)
         return out
-    key = draw_key(seed, layer) if rule == "draw" else score_key(seed, layer)
+    return _slot_grid_np(draw_key(seed, layer) if rule == "draw" else score_key(seed, layer),
+                         positions, k)  # fmt: skip
+
+
+def _slot_grid_np(key: int, positions: np.ndarray, k: int) -> np.ndarray:
+    """The 24-bit draws ``output(key, i*K + j) >> 40`` of every slot j of ``positions``,
+    slot-major: uint64 [K, len(positions)]."""
     # output(key, c) = mix64(key + (c + 1) * GAMMA) with c = i*K + j: the affine part as one
     # broadcast sum of a per-slot and a per-connection term (mod 2**64)
     slots = (np.arange(1, k + 1, dtype=np.uint64) * np.uint64(GAMMA)) + np.uint64(key)
     z = slots[:, None] + positions.astype(np.uint64) * np.uint64((k * GAMMA) & MASK64)
     return _mix_np(z) >> np.uint64(64 - MANTISSA_BITS)
+
+
+# The crossing order (§1.8): integer scores on this scale (the reference's score, or for
+# "argmax" the scores' own 2**24 grid), a margin in 1/256ths of it.
+CROSSING_SCALE = {"onedraw16": 1 << 17, "onedraw": 1 << 24, "argmax": 1 << 24}
+MAX_MARGIN = 65535
+
+
+def _crossing_grid_np(
+    seed: int, layer: int, positions: np.ndarray, ref: np.ndarray, k: int, rule: str, margin: int
+) -> np.ndarray:
+    """Draw-like integers of the crossing order (§1.8), slot-major uint64 [K, len(positions)]:
+    ``2**47 - 1 - (bits(t) >> 16)``, so that larger means earlier, as the reference order's draws.
+
+    Every score line s_j + c * v_j of a connection moves with the same c in training (the
+    straight-through gradient of slot j is g * v_j); t_j = (S_a + M - S_j) / |U_j - U_a| is how
+    far c must go before slot j overtakes the reference a (infinite for an equal value)."""
+    if rule not in CROSSING_SCALE:
+        raise ValueError(f"reference rule {rule!r} has no crossing order")
+    cols = np.arange(positions.size)
+    scale = CROSSING_SCALE[rule]
+    s = _order_grid_np(seed, layer, positions, k, rule).view(np.int64)
+    if rule == "onedraw16":
+        s = 2 * s + 1  # (u + 1/2) * 2**-16 of the reference's score
+    if rule in ONEDRAW:
+        s[ref, cols] = scale
+    top = s[ref, cols] + margin * (scale >> 8)
+    s -= top
+    np.negative(s, out=s)
+    np.maximum(s, 0, out=s)  # numerator: S_a + M - S_j, at least 0
+    u = _slot_grid_np(layer_key(seed, layer), positions, k).view(np.int64)
+    u -= u[ref, cols]
+    np.abs(u, out=u)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = s / u  # one IEEE double division each (both exact doubles)
+    t[u == 0] = np.inf
+    draws = t.view(np.uint64)
+    draws >>= np.uint64(16)
+    np.subtract(np.uint64((1 << 47) - 1), draws, out=draws)
+    return draws
 
 
 def _first_max(keys: np.ndarray) -> np.ndarray:
@@ -299,9 +345,15 @@ def reference_np(seed: int, layer: int, n: int, k: int, bound: float, rule: str)
     return out
 
 
-def _order_keys(seed: int, layer: int, positions: np.ndarray, k: int, rule: str) -> np.ndarray:
-    """int64 [K, len]: larger means earlier in the reference order (ignoring the reference)."""
-    return _keys(_order_grid_np(seed, layer, positions, k, rule), k)
+def _order_keys(
+    seed: int, layer: int, positions: np.ndarray, k: int, rule: str,
+    ref: np.ndarray | None = None, crossing: int | None = None,
+) -> np.ndarray:  # fmt: skip
+    """int64 [K, len]: larger means earlier in the reference order (ignoring the reference), or
+    in the crossing order with margin ``crossing`` (which needs the reference slots ``ref``)."""
+    if crossing is None:
+        return _keys(_order_grid_np(seed, layer, positions, k, rule), k)
+    return _keys(_crossing_grid_np(seed, layer, positions, ref, k, rule, crossing), k)
 
 
 def _keys(draws: np.ndarray, k: int) -> np.ndarray:
@@ -314,32 +366,39 @@ def _keys(draws: np.ndarray, k: int) -> np.ndarray:
 
 
 def reference_order_np(
-    seed: int, layer: int, positions: np.ndarray, k: int, bound: float, rule: str
-) -> np.ndarray:
+    seed: int, layer: int, positions: np.ndarray, k: int, bound: float, rule: str,
+    crossing: int | None = None,
+) -> np.ndarray:  # fmt: skip
     """Each connection's slots in reference order, int64 [len(positions), K] (§1.8): the
-    reference slot first, then the others by decreasing initial draw (ties: lower slot first)."""
+    reference slot first, then the others by decreasing initial draw (ties: lower slot first);
+    with a margin ``crossing``, the others in the crossing order instead."""
     positions = np.asarray(positions, dtype=np.int64).reshape(-1)
     out = np.empty((positions.size, k), dtype=np.int64)
     step = max(1, NP_BLOCK // k)
     for a in range(0, positions.size, step):
         pos = positions[a : a + step]
-        keys = _order_keys(seed, layer, pos, k, rule)
-        keys[_reference_at(seed, layer, pos, k, bound, rule), np.arange(pos.size)] |= 1 << 62
-        out[a : a + step] = 0xFFFF - (-np.sort(-keys, axis=0).T & 0xFFFF)
+        ref = _reference_at(seed, layer, pos, k, bound, rule)
+        keys = _order_keys(seed, layer, pos, k, rule, ref, crossing)
+        keys[ref, np.arange(pos.size)] = -1  # last of the sort, then moved to the front
+        out[a : a + step, 0] = ref
+        out[a : a + step, 1:] = 0xFFFF - (-np.sort(-keys, axis=0)[:-1].T & 0xFFFF)
     return out
 
 
 def ranks_np(
     seed: int, layer: int, positions: np.ndarray, slots: np.ndarray, ref: np.ndarray, k: int,
-    rule: str,
+    rule: str, crossing: int | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Position (1..K-1) of ``slots`` (never the reference ``ref``) in the reference order of
-    ``positions``: one more than the other non-reference slots before them."""
+    ``positions`` (the crossing order with margin ``crossing`` if given): one more than the
+    other non-reference slots before them."""
     out = np.empty(positions.size, dtype=np.int64)
     step = max(1, NP_BLOCK // k)
     for a in range(0, positions.size, step):
         cols = np.arange(min(step, positions.size - a))
-        keys = _order_keys(seed, layer, positions[a : a + step], k, rule)
+        keys = _order_keys(
+            seed, layer, positions[a : a + step], k, rule, ref[a : a + step], crossing
+        )
         mine = keys[slots[a : a + step], cols]
         keys[ref[a : a + step], cols] = -1
         out[a : a + step] = 1 + (keys > mine).sum(0)
@@ -353,7 +412,7 @@ _PEEL = 4
 
 def slots_at_ranks_np(
     seed: int, layer: int, positions: np.ndarray, ranks: np.ndarray, ref: np.ndarray, k: int,
-    rule: str,
+    rule: str, crossing: int | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Inverse of :func:`ranks_np`: the slot at rank ``ranks`` (1..K-1) of each connection.
 
@@ -363,7 +422,9 @@ def slots_at_ranks_np(
     out = np.empty(positions.size, dtype=np.int64)
     step = max(1, (NP_BLOCK * 4) // k)
     for a in range(0, positions.size, step):
-        keys = _order_keys(seed, layer, positions[a : a + step], k, rule)
+        keys = _order_keys(
+            seed, layer, positions[a : a + step], k, rule, ref[a : a + step], crossing
+        )
         want = ranks[a : a + step]
         keys[ref[a : a + step], np.arange(want.size)] = -1
         best = keys.max(0)

@@ -36,17 +36,19 @@ TENSORS = {"0.bias": [0.5, -0.25], "1.running_mean": [0.125, -1.5],
 
 
 def golden_indices() -> list[np.ndarray]:
-    """Reference slots with a few connections moved to chosen ranks of their reference order."""
+    """Reference slots with a few connections moved to chosen ranks of their crossing order
+    (margin 64; the writer finds that margin 8 codes them as short) or reference order."""
     out = []
-    for number, (layer, k, rule, moves) in enumerate(
+    for number, (layer, k, rule, moves, crossing) in enumerate(
         [
-            (TINY.layers[0], 5, "onedraw16", {2: 1, 3: 2, 11: 4}),
-            (TINY.layers[5], 3, "argmax", {0: 1, 1: 2, 2: 1, 23: 2}),  # Exp-Golomb gaps
+            (TINY.layers[0], 5, "onedraw16", {2: 1, 3: 1, 7: 1, 9: 2, 11: 1, 14: 1, 16: 1}, 64),
+            (TINY.layers[5], 3, "argmax", {0: 1, 1: 2, 2: 1, 23: 2}, None),  # Exp-Golomb gaps
         ]  # fmt: skip
     ):
         n, bound = int(np.prod(layer.weight_shape)), prng.glorot_bound(*layer.fans)
         index = prng.reference_np(SEED, number, n, k, bound, rule).astype(np.int64)
-        order = prng.reference_order_np(SEED, number, np.array(list(moves)), k, bound, rule)
+        positions = np.array(list(moves))
+        order = prng.reference_order_np(SEED, number, positions, k, bound, rule, crossing)
         index[list(moves)] = order[np.arange(len(moves)), list(moves.values())]
         out.append(index)
     return out
@@ -99,8 +101,22 @@ def test_known_answer_vectors_of_the_spec():
     for rule in prng.REFERENCE_RULES:
         assert prng.reference_np(42, 3, 8, 5, bound, rule).tolist() == want[rule]
         assert prng.reference_order_np(42, 3, np.arange(3), 5, bound, rule).tolist() == orders[rule]
+    crossing = {(0, "onedraw16"): [[4, 2, 1, 0, 3], [4, 2, 0, 1, 3], [3, 1, 2, 0, 4]],
+                (0, "onedraw"): [[4, 2, 0, 1, 3], [4, 1, 0, 2, 3], [3, 2, 1, 0, 4]],
+                (0, "argmax"): [[4, 2, 0, 1, 3], [1, 4, 3, 0, 2], [2, 4, 3, 0, 1]],
+                (1024, "onedraw16"): [[4, 2, 0, 1, 3], [4, 0, 2, 1, 3], [3, 1, 2, 0, 4]],
+                (1024, "onedraw"): [[4, 2, 0, 1, 3], [4, 0, 2, 1, 3], [3, 1, 2, 0, 4]],
+                (65535, "argmax"): [[4, 2, 0, 1, 3], [1, 0, 3, 4, 2], [2, 4, 3, 0, 1]]}  # fmt: skip
+    for (margin, rule), want_order in crossing.items():
+        got = prng.reference_order_np(42, 3, np.arange(3), 5, bound, rule, margin)
+        assert got.tolist() == want_order
+    assert (prng._slot_grid_np(prng.layer_key(42, 3), np.arange(1), 5).ravel().tolist()
+            == [3343570, 8056179, 1095336, 10347587, 10949974])  # fmt: skip
     spec = SPEC.read_text()
     assert "`0x3ec3dd13`" in spec and "4 4 3 2 3 4 4 4" in spec and "[1 4 0 3 2]" in spec
+    assert "3343570 8056179 1095336 10347587 10949974" in spec
+    for order in crossing.values():
+        assert " ".join(f"[{' '.join(map(str, row))}]" for row in order) in spec
     assert "`0x2af3822a26933fde`" in spec and "8616 57059 43888 31794 32328" in spec
     assert "[4 1 2 3 0] [4 3 2 0 1] [3 4 1 0 2]" in spec
 
@@ -132,6 +148,75 @@ def test_reference_rules_follow_their_definitions_in_plain_python():
     order = prng.reference_order_np(seed, layer, np.arange(n), k, bound, "onedraw16").tolist()
     assert order == [[r] + sorted((j for j in range(k) if j != r), key=lambda j: (-row[j], j))
                      for r, row in zip(ref, u, strict=True)]  # fmt: skip
+
+
+def _crossing_order_py(seed: int, layer: int, i: int, k: int, rule: str, margin: int,
+                       ref: int) -> list[int]:  # fmt: skip
+    """The crossing order of §1.8 with Python integers and floats, apart from the numpy code."""
+    out = prng.splitmix64_output
+    u = [out(out(seed, layer), i * k + j) >> 40 for j in range(k)]
+    if rule == "onedraw16":
+        key_o, w = out(seed ^ 0x6F5D6F5D6F5D6F5D, layer), -(-k // 4)
+        s = [2 * ((out(key_o, i * w + (j >> 2)) >> (48 - 16 * (j & 3))) & 0xFFFF) + 1
+             for j in range(k)]  # fmt: skip
+        s[ref] = z = 1 << 17
+    else:
+        key_s = out(seed ^ 0x5C0E5C0E5C0E5C0E, layer)
+        s, z = [out(key_s, i * k + j) >> 40 for j in range(k)], 1 << 24
+        if rule == "onedraw":
+            s[ref] = z
+
+    def top_bits(j: int) -> int:
+        n, d = max(0, s[ref] + margin * (z // 256) - s[j]), abs(u[j] - u[ref])
+        t = float("inf") if d == 0 else n / d
+        return struct.unpack("<Q", struct.pack("<d", t))[0] >> 16
+
+    return [ref] + sorted((j for j in range(k) if j != ref), key=lambda j: (top_bits(j), j))
+
+
+@pytest.mark.parametrize("rule", ["onedraw16", "onedraw", "argmax"])
+def test_crossing_order_follows_its_definition_in_plain_python(rule):
+    seed, layer, n = 11, 1, 40
+    bound = prng.glorot_bound(20, 30)
+    for k, margin in [(3, 0), (6, 37), (9, 65535)]:
+        ref = prng.reference_np(seed, layer, n, k, bound, rule).tolist()
+        got = prng.reference_order_np(seed, layer, np.arange(n), k, bound, rule, margin)
+        assert got.tolist() == [
+            _crossing_order_py(seed, layer, i, k, rule, margin, ref[i]) for i in range(n)]
+
+
+@pytest.mark.parametrize("k", [3, 8, 64, 65536])
+def test_crossing_order_round_trip_and_is_chosen_when_shorter(k):
+    """Changes that follow the crossing order (as trained networks' do) get it; the file
+    rebuilds to the same weights as its bits twin and is smaller than with reference ranks."""
+    rng = np.random.default_rng(k)
+    hidden = 40 if k < 1000 else 2
+    layers = (A.Flatten(), A.Linear(48, hidden), A.ReLU(), A.Linear(hidden, 3, bias=True))
+    arch = A.Arch("t", "toy", (3, 4, 4), layers, num_classes=3)
+    indices, rule = [], "onedraw16"
+    for number, layer in enumerate(arch.weighted):
+        n, bound = int(np.prod(layer.weight_shape)), prng.glorot_bound(*layer.fans)
+        index = prng.reference_np(1, number, n, k, bound, rule).astype(np.int64)
+        moved = np.flatnonzero(rng.random(n) < 0.3)
+        order = prng.reference_order_np(1, number, moved, k, bound, rule, 96)
+        index[moved] = order[np.arange(moved.size), np.where(rng.random(moved.size) < 0.85, 1, 2)]
+        indices.append(index)
+    files = {enc: encode_selection(
+        arch, seed=1, k=k, selection="greedy", indices=indices, tensors={"3.bias": [1, 2, 3]},
+        mean=(0, 0, 0), std=(1, 1, 1), references=(rule, rule), index_encoding=enc,
+    ) for enc in ("bits", "delta")}  # fmt: skip
+    f = F.decode(files["delta"])
+    for w, want in zip(f.weights, indices, strict=True):
+        assert f.sections[w.section].crossing is not None
+        assert np.array_equal(f.indices(w.section), want)
+        ref = f.reference(w)
+        plain = D.encode(want, ref, k, lambda *a: prng.ranks_np(1, w.number, *a[:3], k, rule),
+                         crossing=False)  # fmt: skip
+        assert f.sections[w.section].length < len(plain.data)
+    dense = {enc: rebuild(data) for enc, data in files.items()}
+    for name, array in dense["bits"].items():
+        assert np.array_equal(array.view(np.uint32), dense["delta"][name].view(np.uint32))
+    assert repack(F.decode(files["bits"])) == files["delta"]
 
 
 @pytest.mark.parametrize("k", [2, 3, 8, 64])
@@ -203,9 +288,9 @@ def test_golden_v2_manifest_follows_the_spec_tables():
     assert set(manifest) == F.MANIFEST_KEYS[2]
     weighted = [layer for layer in manifest["layers"] if layer["op"] in ("linear", "conv2d")]
     assert [(w["k"], w["reference"]) for w in weighted] == [(5, "onedraw16"), (3, "argmax")]
-    s = section(manifest, "0.indices")
-    assert set(s) == F.SECTION_KEYS | F.DELTA_KEYS
-    assert (s["changes"], s["encoding"]) == (3, "delta")
+    s = section(manifest, "0.indices")  # ranks in the crossing order
+    assert set(s) == F.SECTION_KEYS | F.DELTA_KEYS | {"crossing"}
+    assert (s["changes"], s["encoding"], s["crossing"]) == (7, "delta", 8)
     s = section(manifest, "5.indices")  # clustered changes: Exp-Golomb codes them shorter
     assert set(s) == F.SECTION_KEYS | F.DELTA_KEYS | {"gap_code"}
     assert (s["changes"], s["gap_code"]) == (4, "expgolomb")
@@ -294,10 +379,10 @@ def _recrc(manifest, payload, name):
 @pytest.mark.parametrize(
     "change,error,match",
     [
-        (lambda m, p: section(m, "0.indices").update(changes=9) or p, F.LayoutError,
-         "3 bytes cannot hold 9 changes"),
+        (lambda m, p: section(m, "0.indices").update(changes=17) or p, F.LayoutError,
+         "4 bytes cannot hold 17 changes"),
         (lambda m, p: section(m, "0.indices").update(changes=6) or p, F.LayoutError,
-         "unary stream ends|a rank is|past the layer"),
+         "unary stream ends|a rank is|past the layer|padding"),
         (lambda m, p: section(m, "0.indices").update(changes=2) or p, F.LayoutError,
          "bytes after its streams|padding"),
         (lambda m, p: section(m, "0.indices").update(changes=19) or p, F.ManifestError,
@@ -318,6 +403,14 @@ def _recrc(manifest, payload, name):
          "padding|bytes after|unary stream ends|runs past|past the layer|a rank is"),
         (lambda m, p: section(m, "1.running_mean").update(gap_code="expgolomb") or p,
          F.ManifestError, "unknown \\['gap_code'\\]"),
+        (lambda m, p: section(m, "0.indices").update(crossing=65536) or p, F.ManifestError,
+         "crossing must be an integer in 0..65535, got 65536"),
+        (lambda m, p: section(m, "0.indices").update(crossing=True) or p, F.ManifestError,
+         "crossing must be an integer in 0..65535, got True"),
+        (lambda m, p: m["layers"][0].update(reference="draw") or p, F.ManifestError,
+         "crossing applies to K > 2 and the rules onedraw16, onedraw, argmax, not K=5 with draw"),
+        (lambda m, p: section(m, "1.running_mean").update(crossing=0) or p, F.ManifestError,
+         "unknown \\['crossing'\\]"),
         (lambda m, p: m["layers"][0].update(k=65537) or p, F.ManifestError, "k must be"),
         (lambda m, p: m["layers"][0].update(reference="best") or p, F.ManifestError,
          "reference 'best' is not one of"),
