@@ -22,6 +22,7 @@ from pathlib import Path
 
 from benchmarks.common import write_record
 from slotpack import prng
+from slotpack.datafiles import AUGMENTS
 
 
 def deploy(run: Path, root: Path) -> dict:
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "--layer-k", default=None, help="one K per weighted layer, e.g. 2,8,8 (train --k 2,8,8)"
     )
     p.add_argument("--init", default=prng.DEFAULT_INIT, choices=prng.INITS)
+    p.add_argument("--augment", default=None, choices=AUGMENTS, help="train --augment")
     p.add_argument("--root", type=Path, default=None)
     p.add_argument("--runs", type=Path, default=Path("runs/bench"))
     p.add_argument("--device", default="auto")
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.milestones
                 else None,
                 limit=args.limit,
+                augment=args.augment,
                 **(slots if args.method == "slot" else {}),
             )
             label = "learned" if args.method == "learned" else f"k{k}-{args.selection}"
@@ -253,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                 label += f"-rate{args.rate:g}"
             if args.layer_rate:
                 label += f"-rate{args.layer_rate.replace(',', '-')}"
+            if args.augment:
+                label += f"-{args.augment}"
             schedule = f"_{args.schedule}" if args.schedule else ""  # never the default's name
             if args.milestones:
                 schedule += args.milestones.replace(",", "-")

@@ -24,7 +24,7 @@ import torch
 
 from . import __version__, models, prng
 from . import arch as A
-from .datafiles import spec
+from .datafiles import AUGMENTS, spec
 from .errors import CheckpointError, ConfigError, SlotpackError
 from .format import MAX_K
 from .layers import SlotRecord, is_record, record_prefix, score_torch_dtype
@@ -113,6 +113,7 @@ class TrainConfig:
     layer_k: tuple[int, ...] | None = None  # one K per weighted layer (overrides k)
     rate: float = 0.0  # rate-aware margin of the reference slot, in layer bounds (0: none)
     layer_rate: tuple[float, ...] | None = None  # one margin per weighted layer (overrides rate)
+    augment: str | None = None  # training augmentation (datafiles.AUGMENTS); None: the data set's
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -131,6 +132,10 @@ class TrainConfig:
             raise ConfigError(
                 f"K must be >= 2 and <= {MAX_K} (the most a .slot file holds), got "
                 f"{self.layer_k or self.k}"
+            )
+        if self.augment is not None and self.augment not in AUGMENTS:
+            raise ConfigError(
+                f"unknown augmentation {self.augment!r}; choose one of: {', '.join(AUGMENTS)}"
             )
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ConfigError(

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from . import __version__, prng
+from .datafiles import AUGMENTS
 from .errors import SlotpackError
 from .kernels import KERNELS  # imports no torch, like everything at the top of this file
 
@@ -216,6 +217,14 @@ def data_cmd(name: str, root: Path | None) -> None:
     help="Initial scores: onedraw16 draws the top slot first and orders the others from 16-bit "
     "draws, so a reader regenerates both cheaply (onedraw: the same top slot, the order from K "
     "draws); uniform is how runs before format version 2 were initialised.",
+)
+@click.option(
+    "--augment",
+    type=click.Choice(AUGMENTS),
+    default=None,
+    help="Training augmentation: shift (random shifts of up to 2 pixels, for digits), crop-flip "
+    "(random crop with padding 4 and horizontal flip) or none. Default: crop-flip for cifar10, "
+    "none for mnist.",
 )
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)

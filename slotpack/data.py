@@ -16,10 +16,12 @@ import torch
 
 from slotpack import datafiles, sources
 from slotpack.datafiles import (
+    AUGMENTS,
     DATASETS,
     SPLIT_KEY,
     SPLITS,
     DataSpec,
+    default_augment,
     default_root,
     spec,
     split_indices,
@@ -90,11 +92,12 @@ def normalize(x_uint8: torch.Tensor, spec: DataSpec) -> torch.Tensor:
 
 
 def augment(
-    x_uint8: torch.Tensor, generator: torch.Generator | None, padding: int = 4
+    x_uint8: torch.Tensor, generator: torch.Generator | None, padding: int = 4, flip: bool = True
 ) -> torch.Tensor:
-    """Random crop (zero padding 4) and horizontal flip (p=0.5) of a uint8 [N,C,H,W] batch.
+    """Random crop (zero padding ``padding``) and, if ``flip``, horizontal flip (p=0.5) of a
+    uint8 [N,C,H,W] batch.
 
-    Same distribution as torchvision's RandomCrop(H, padding=4) + RandomHorizontalFlip, drawn
+    Same distribution as torchvision's RandomCrop(H, padding) (+ RandomHorizontalFlip), drawn
     on the batch's own device with ``generator`` (which must live on that device) and done as
     one gather, with no per-image Python loop.
     """
@@ -105,12 +108,13 @@ def augment(
     padded = torch.nn.functional.pad(x_uint8, (padding, padding, padding, padding))
     top = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
     left = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=dev)
-    flip = torch.rand(n, generator=generator, device=dev) < 0.5
     ar_h = torch.arange(h, device=dev)
     ar_w = torch.arange(w, device=dev)
     rows = top[:, None] + ar_h  # [N,H]
-    # Crop then flip: output column j reads padded column left + (w-1-j).
-    cols = left[:, None] + torch.where(flip[:, None], (w - 1) - ar_w, ar_w)  # [N,W]
+    cols = left[:, None] + ar_w  # [N,W]
+    if flip:  # crop then flip: output column j reads padded column left + (w-1-j)
+        flipped = torch.rand(n, generator=generator, device=dev) < 0.5
+        cols = left[:, None] + torch.where(flipped[:, None], (w - 1) - ar_w, ar_w)
     b = torch.arange(n, device=dev)[:, None, None, None]
     ch = torch.arange(c, device=dev)[None, :, None, None]
     return padded[b, ch, rows[:, None, :, None], cols[:, None, None, :]]
@@ -122,14 +126,19 @@ def batches(
     *,
     train: bool,
     generator: torch.Generator | None = None,
+    augmentation: str | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (normalized float32 x [B,C,H,W], int64 y [B]) on data's device; last batch kept.
 
-    train=True shuffles with ``generator`` (on data's device) and augments when the spec asks;
-    train=False keeps the fixed order. The same generator state gives the same batches.
+    train=True shuffles with ``generator`` (on data's device) and augments as ``augmentation``
+    says (one of AUGMENTS; None: the data set's default); train=False keeps the fixed order.
+    The same generator state gives the same batches.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    kind = augmentation or default_augment(data.spec)
+    if kind not in AUGMENTS:
+        raise ConfigError(f"unknown augmentation {kind!r}; choose one of: {', '.join(AUGMENTS)}")
     n = len(data)
     if not train:
         for i in range(0, n, batch_size):
@@ -139,8 +148,10 @@ def batches(
     for i in range(0, n, batch_size):
         idx = order[i : i + batch_size]
         xb = data.x[idx]
-        if data.spec.augment:
+        if kind == "crop-flip":
             xb = augment(xb, generator)
+        elif kind == "shift":
+            xb = augment(xb, generator, padding=2, flip=False)
         yield normalize(xb, data.spec), data.y[idx]
 
 
@@ -153,8 +164,10 @@ __all__ = [
     "SPLIT_KEY",
     "DataSpec",
     "TensorData",
+    "AUGMENTS",
     "augment",
     "batches",
+    "default_augment",
     "default_root",
     "fetch",
     "load",

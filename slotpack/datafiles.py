@@ -68,6 +68,17 @@ _SPECS = {
 }
 
 
+# Training augmentations (``--augment``): "crop-flip" random crop (zero padding 4) and
+# horizontal flip, CIFAR-10's default; "shift" random shifts of up to 2 pixels (zero padding 2,
+# no flip), for digits; "none".
+AUGMENTS = ("none", "shift", "crop-flip")
+
+
+def default_augment(spec: DataSpec) -> str:
+    """The augmentation a data set trains with unless told otherwise."""
+    return "crop-flip" if spec.augment else "none"
+
+
 def default_root() -> Path:
     """The data root: $SLOTPACK_DATA if set, else ./data."""
     return Path(os.environ.get("SLOTPACK_DATA") or "data")

@@ -214,7 +214,10 @@ def _epoch(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = torch.zeros((), dtype=torch.int64, device=device)
-    for x, y in data.batches(train_data, cfg.batch_size, train=True, generator=generator):
+    batches = data.batches(
+        train_data, cfg.batch_size, train=True, generator=generator, augmentation=cfg.augment
+    )
+    for x, y in batches:
         if y.shape[0] < world.size:  # a last global batch too short to give every rank a row
             continue
         scale = D.loss_scale(y.shape[0], world)
