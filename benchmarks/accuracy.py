@@ -89,7 +89,7 @@ def index_summary(path: Path) -> dict:
 
     slot = F.read(path)
     rows = [r for r in summary(slot)["layers"] if r["k"] is not None]
-    keys = ("position", "k", "encoding", "reference", "changed", "changed_fraction",
+    keys = ("position", "k", "encoding", "reference", "crossing", "changed", "changed_fraction",
             "bits_per_connection", "connections")  # fmt: skip
     return {
         "layers": [{key: r[key] for key in keys} for r in rows],

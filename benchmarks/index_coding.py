@@ -96,7 +96,7 @@ def stats(run: Path) -> dict[str, Any]:
         row = layer_stats(index, ref, ranks, w.layer.weight_shape, w.k)
         s = slot.sections[w.section]
         row.update(position=w.position, k=w.k, reference=w.reference, encoding=s.encoding,
-                   coded_bits=8 * s.length / w.count)  # fmt: skip
+                   crossing=s.crossing, coded_bits=8 * s.length / w.count)  # fmt: skip
         if cfg.selection == "probabilistic":  # the exact fixed draw from the initial scores
             from slotpack.layers import select_index
 
@@ -130,7 +130,12 @@ def stats(run: Path) -> dict[str, Any]:
     }
 
 
-def _vgg_files(fraction: float, rule: str, seed: int = 0) -> dict[str, bytes]:
+def _vgg_files(
+    fraction: float, rule: str, order: str = "reference", seed: int = 0
+) -> dict[str, bytes]:
+    """VGG-19 K=8 as ``bits`` and ``delta``, ``fraction`` of its connections moved to ranks
+    drawn geometrically (p = 0.7) in the reference order, or in the crossing order (margin 64,
+    which the writer then stores), as trained networks' changes fall."""
     from slotpack import arch as A
     from slotpack import prng
     from slotpack.pack import encode_selection
@@ -142,7 +147,10 @@ def _vgg_files(fraction: float, rule: str, seed: int = 0) -> dict[str, bytes]:
         index = prng.reference_np(seed, number, n, 8, bound, rule).astype(np.int64)
         moved = np.flatnonzero(rng.random(n) < fraction)
         ranks = np.minimum(rng.geometric(0.7, moved.size), 7)
-        index[moved] = prng.slots_at_ranks_np(seed, number, moved, ranks, index[moved], 8, rule)
+        crossing = 64 if order == "crossing" else None
+        index[moved] = prng.slots_at_ranks_np(
+            seed, number, moved, ranks, index[moved], 8, rule, crossing
+        )
         indices.append(index)
     tensors = {}
     for pos, layer in enumerate(arch.layers):
@@ -156,12 +164,17 @@ def _vgg_files(fraction: float, rule: str, seed: int = 0) -> dict[str, bytes]:
     return {enc: encode_selection(arch, index_encoding=enc, **common) for enc in ("bits", "delta")}
 
 
-def rebuild_times(fractions: list[float], repeats: int, rules: list[str]) -> dict[str, Any]:
+def rebuild_times(
+    fractions: list[float], repeats: int, rules: list[str], orders: list[str]
+) -> dict[str, Any]:
+    from slotpack import format as F
     from slotpack.runtime import rebuild
 
     rows = []
-    for rule, fraction in ((r, f) for r in rules for f in fractions):
-        files = _vgg_files(fraction, rule)
+    for rule, order, fraction in ((r, o, f) for r in rules for o in orders for f in fractions):
+        files = _vgg_files(fraction, rule, order)
+        stored = {s.crossing is not None for s in F.decode(files["delta"]).sections.values()
+                  if s.encoding == "delta" and s.changes}  # fmt: skip
         times: dict[str, list[float]] = {enc: [] for enc in files}
         for _ in range(repeats):  # interleaved, so load on the machine hits both alike
             for enc, data in files.items():
@@ -170,6 +183,8 @@ def rebuild_times(fractions: list[float], repeats: int, rules: list[str]) -> dic
                 times[enc].append(time.perf_counter() - start)
         rows.append({
             "rule": rule,
+            "order": order,
+            "crossing_stored": sorted(stored),
             "changed_fraction": fraction,
             "bytes": {enc: len(data) for enc, data in files.items()},
             "seconds": times,
@@ -190,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.15, 0.3])
     r.add_argument("--repeats", type=int, default=5)
     r.add_argument("--rules", nargs="+", default=["onedraw16", "onedraw"])
+    r.add_argument("--orders", nargs="+", default=["reference", "crossing"],
+                   choices=["reference", "crossing"])  # fmt: skip
     r.add_argument("--name", default="rebuild_time_vgg19_k8")
     args = p.parse_args(argv)
     if args.what == "stats":
@@ -203,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"coded {t['coded_bits']:.3f} bits/connection; file "
                   f"{payload['bits_per_connection']:.3f} -> {path}")  # fmt: skip
     else:
-        payload = rebuild_times(args.fractions, args.repeats, args.rules)
+        payload = rebuild_times(args.fractions, args.repeats, args.rules, args.orders)
         path = write_record(args.name, payload)
         for row in payload["rows"]:
-            print(f"{row['rule']}, changed {row['changed_fraction']:.2f}: delta/bits {row['best_ratio']:.2f}x "
+            print(f"{row['rule']} {row['order']}, changed {row['changed_fraction']:.2f}: delta/bits {row['best_ratio']:.2f}x "
                   f"(best of {args.repeats}), {row['median_ratio']:.2f}x median -> {path}")  # fmt: skip
     return 0
 
@@ -232,8 +249,11 @@ def section(
             "Lenet-300-100 on MNIST (10,000 test images, onnxruntime), whole-file bits per "
             "connection (bytes x 8 / 266,200). `plain`: the fixed-width encoding of the same "
             "network (ceil(log2 K) bits per connection); `delta`: the smallest encoding, what "
-            "`slotpack pack` writes. Groups of seeds show mean and range. CPU runs, full "
-            "training set, the paper's schedule unless the label says otherwise.",
+            "`slotpack pack` writes; `delta, reference ranks`: what it wrote before the crossing "
+            "order (FORMAT §1.8), for runs whose folders are gone (about 14% larger than today's "
+            "writer on the same network). Groups of seeds show mean and range. CPU runs, the "
+            "51,000-image training split, the paper's schedule unless the label says otherwise; "
+            "`shift`: random shifts of up to 2 pixels in training (`--augment shift`).",
             "",
             "| run | encoding | seeds | test accuracy | bits/connection | x smaller than float32 |",
             "|---|---|---:|---:|---:|---:|",
@@ -292,13 +312,14 @@ def section(
             f"`delta` against `bits`, {rec['repeats']} interleaved runs each; "
             f"{rec['machine']['cpu']}, {rec['machine']['cores']} cores, {rec['date']}.",
             "",
-            "| reference rule | changed | bits file | delta file | bits rebuild (best) | delta rebuild (best) | ratio best | ratio median |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| reference rule | rank order | changed | bits file | delta file | bits rebuild (best) | delta rebuild (best) | ratio best | ratio median |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in rec["rows"]:
             b, d = row["bytes"]["bits"], row["bytes"]["delta"]
             lines.append(
-                f"| {row.get('rule', 'onedraw')} | {100 * row['changed_fraction']:.0f}% | {b:,} | {d:,} | "
+                f"| {row.get('rule', 'onedraw')} | {row.get('order', 'reference')} | "
+                f"{100 * row['changed_fraction']:.0f}% | {b:,} | {d:,} | "
                 f"{min(row['seconds']['bits']):.2f} s | {min(row['seconds']['delta']):.2f} s | "
                 f"{row['best_ratio']:.2f}x | {row['median_ratio']:.2f}x |"
             )

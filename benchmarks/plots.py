@@ -145,9 +145,11 @@ def frontier_points(
     records: list[dict[str, Any]], index_stats: list[dict[str, Any]] = ()
 ) -> list[dict[str, Any]]:
     """Lenet-300-100 slot runs as (label, bits, acc, seed, kind) rows: kind "plain" for the
-    fixed-width file, "delta" for the smallest encoding. A network's ``index_stats`` record (its
-    run re-packed by the writer of that record's commit) overrides the size its accuracy record
-    saw at training time, and adds networks trained before format version 2."""
+    fixed-width file, "delta" for the smallest encoding, "delta, reference ranks" where the file
+    came from a writer older than the crossing order (its layers do not say). A network's
+    ``index_stats`` record (its run re-packed by the writer of that record's commit) overrides
+    the size its accuracy record saw at training time, and adds networks trained before format
+    version 2."""
     rows = []
     recorded = {r["name"] for r in records}
     repacked = {Path(r["run"]).name: r for r in index_stats}
@@ -159,7 +161,7 @@ def frontier_points(
             continue
         label = f"K={cfg['k']}, {cfg['epochs']} ep, re-packed ({cfg.get('init', 'uniform')} init)"
         rows.append(dict(label=label, bits=r["bits_per_connection"], acc=r["test_acc"],
-                         seed=cfg["seed"], kind="delta", rate=cfg.get("rate", 0.0)))  # fmt: skip
+                         seed=cfg["seed"], kind=_delta_kind(r), rate=cfg.get("rate", 0.0)))  # fmt: skip
     for r in records:
         cfg, dep = r["config"], r.get("deployed") or {}
         if cfg["model"] != "lenet300100" or cfg["method"] != "slot" or "slot" not in dep:
@@ -174,6 +176,7 @@ def frontier_points(
         tag += f", rate {rate}" if isinstance(rate, str) else ""
         tag += f", {cfg['epochs']} ep" + (", cosine" if cfg.get("schedule") == "cosine" else "")
         tag += ", onedraw16" if cfg.get("init") == "onedraw16" else ""  # the newer reference order
+        tag += f", {cfg['augment']}" if cfg.get("augment") not in (None, "none") else ""
         if cfg.get("schedule") == "step" and cfg.get("milestones"):
             tag += ", lr x" + f"{cfg['gamma']:g} at " + ",".join(map(str, cfg["milestones"]))
         acc, index = dep["slot"]["ort_test_acc"], dep["slot"].get("index")
@@ -181,12 +184,22 @@ def frontier_points(
         rows.append(dict(label=tag, bits=8 * plain / 266_200, acc=acc, seed=cfg["seed"],
                          kind="plain", rate=cfg.get("rate", 0.0)))  # fmt: skip
         if index:
-            bits = 8 * dep["slot"]["bytes"] / 266_200
+            bits, kind = 8 * dep["slot"]["bytes"] / 266_200, _delta_kind(index)
             if r["name"] in repacked:
                 bits = repacked[r["name"]]["bits_per_connection"]
-            rows.append(dict(label=tag, bits=bits, acc=acc, seed=cfg["seed"], kind="delta",
+                kind = _delta_kind(repacked[r["name"]])
+            rows.append(dict(label=tag, bits=bits, acc=acc, seed=cfg["seed"], kind=kind,
                              rate=cfg.get("rate", 0.0)))  # fmt: skip
     return rows
+
+
+DELTA_KINDS = ("delta", "delta, reference ranks")
+
+
+def _delta_kind(index: dict[str, Any]) -> str:
+    """ "delta" for files whose writer knew the crossing order (FORMAT §1.8): their layer rows
+    record ``crossing``; older writers stored every rank in the reference order."""
+    return DELTA_KINDS[0] if any("crossing" in r for r in index["layers"]) else DELTA_KINDS[1]
 
 
 def frontier(
@@ -201,14 +214,17 @@ def frontier(
     if not rows:
         return []
     fig, ax = plt.subplots(figsize=(7.2, 5.6))
-    for kind, marker, color in (("plain", "o", "C0"), ("delta", "s", "C3")):
+    names = {"plain": "slotpack, fixed-width indices",
+             "delta": "slotpack, only what training changed (delta)",
+             "delta, reference ranks": "slotpack delta, earlier writer (reference-order ranks)"}  # fmt: skip
+    for kind, marker, color in (("plain", "o", "C0"), ("delta", "s", "C3"),
+                                ("delta, reference ranks", "x", "C1")):  # fmt: skip
         # the fixed-width files of rate-aware runs all sit at log2 K: drawn once, by the plain runs
         pts = [
             r for r in rows if r["kind"] == kind and not (kind == "plain" and "rate" in r["label"])
         ]
         ax.scatter([r["bits"] for r in pts], [100 * r["acc"] for r in pts], marker=marker,
-                   color=color, label="slotpack, fixed-width indices" if kind == "plain"
-                   else "slotpack, only what training changed (delta)")  # fmt: skip
+                   color=color, label=names[kind])  # fmt: skip
         for r in pts:
             if r["seed"] == 0:
                 ax.annotate(r["label"], (r["bits"], 100 * r["acc"]), textcoords="offset points",

@@ -254,6 +254,7 @@ def _slot_grid_np(key: int, positions: np.ndarray, k: int) -> np.ndarray:
 # "argmax" the scores' own 2**24 grid), a margin in 1/256ths of it.
 CROSSING_SCALE = {"onedraw16": 1 << 17, "onedraw": 1 << 24, "argmax": 1 << 24}
 MAX_MARGIN = 65535
+_INF_BITS = 0x7FF0000000000000  # +infinity's binary64 pattern
 
 
 def _crossing_grid_np(
@@ -270,21 +271,23 @@ def _crossing_grid_np(
     cols = np.arange(positions.size)
     scale = CROSSING_SCALE[rule]
     s = _order_grid_np(seed, layer, positions, k, rule).view(np.int64)
-    if rule == "onedraw16":
-        s = 2 * s + 1  # (u + 1/2) * 2**-16 of the reference's score
+    if rule == "onedraw16":  # 2u + 1: (u + 1/2) * 2**-16 of the reference's score
+        s <<= 1
+        s |= 1
     if rule in ONEDRAW:
         s[ref, cols] = scale
     top = s[ref, cols] + margin * (scale >> 8)
-    s -= top
-    np.negative(s, out=s)
-    np.maximum(s, 0, out=s)  # numerator: S_a + M - S_j, at least 0
+    np.subtract(top, s, out=s)
+    np.maximum(s, 0, out=s)  # numerator N_j = max(0, S_a + M - S_j)
     u = _slot_grid_np(layer_key(seed, layer), positions, k).view(np.int64)
     u -= u[ref, cols]
-    np.abs(u, out=u)
+    np.abs(u, out=u)  # denominator D_j = |U_j - U_a|
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = s / u  # one IEEE double division each (both exact doubles)
-    t[u == 0] = np.inf
+        t = np.true_divide(s, u)  # one IEEE double division each (both exact doubles)
+    # D_j = 0 gives +inf, or NaN (either sign) for 0/0: as unsigned patterns both are at least
+    # +inf's, so a minimum makes every one +inf, the spec's t_j for an equal value.
     draws = t.view(np.uint64)
+    np.minimum(draws, np.uint64(_INF_BITS), out=draws)
     draws >>= np.uint64(16)
     np.subtract(np.uint64((1 << 47) - 1), draws, out=draws)
     return draws

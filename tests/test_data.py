@@ -330,6 +330,30 @@ def test_cifar_training_batches_are_augmented_eval_batches_are_not() -> None:
     assert not torch.equal(raw, x[perm])  # some image really moved
 
 
+def test_shift_augmentation_moves_digits_by_up_to_two_pixels_without_flips(
+    mnist_root: Path,
+) -> None:
+    """--augment shift: every training image is its source shifted by -2..2 pixels on each axis
+    (zero fill), never flipped; "none" leaves them; an unknown name is a ConfigError."""
+    d = data.load("mnist", mnist_root, "train", limit=600)
+    gen = torch.Generator().manual_seed(0)
+    xb, yb = next(data.batches(d, 600, train=True, generator=gen, augmentation="shift"))
+    perm = torch.randperm(600, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(yb, d.y[perm])
+    raw = torch.round((xb * d.spec.std[0] + d.spec.mean[0]) * 255).to(torch.uint8)
+    cands = _crop_flip_candidates(d.x[perm], pad=2)  # [N, 2, 5, 5, 1, 28, 28]
+    match = (cands == raw[:, None, None, None]).flatten(4).all(-1)
+    assert match[:, 0].flatten(1).any(1).all(), "some image is not a shift of its source"
+    assert not match[:, 1].flatten(1).any(1).all()  # flipped candidates do not explain them
+    moved = ~(raw == d.x[perm]).flatten(1).all(1)
+    assert moved.float().mean() > 0.8  # 24 of 25 offsets move a digit
+    plain = next(data.batches(d, 600, train=True, generator=torch.Generator().manual_seed(0),
+                              augmentation="none"))[0]  # fmt: skip
+    assert torch.equal(plain, data.normalize(d.x[perm], d.spec))
+    with pytest.raises(ConfigError, match="unknown augmentation 'rotate'"):
+        next(data.batches(d, 10, train=True, generator=gen, augmentation="rotate"))
+
+
 def test_tensor_data_checks_types() -> None:
     with pytest.raises(DataError):
         data.TensorData(

@@ -185,6 +185,17 @@ def test_crossing_order_follows_its_definition_in_plain_python(rule):
             _crossing_order_py(seed, layer, i, k, rule, margin, ref[i]) for i in range(n)]
 
 
+def test_crossing_order_puts_equal_values_last_by_slot(monkeypatch):
+    """D_k = 0 makes t_k infinite whatever N_k is (0/0 included), and infinite keys tie by k."""
+    monkeypatch.setattr(prng, "_order_grid_np", lambda *a: np.array([[10], [10], [5], [3]],
+                                                                    dtype=np.uint64))  # fmt: skip
+    monkeypatch.setattr(prng, "_slot_grid_np", lambda *a: np.array([[100], [100], [100], [50]],
+                                                                   dtype=np.uint64))  # fmt: skip
+    keys = prng._order_keys(0, 0, np.arange(1), 4, "argmax", np.array([0]), 0)
+    keys[0, 0] = -1  # the reference
+    assert (0xFFFF - (-np.sort(-keys, axis=0)[:3] & 0xFFFF)).ravel().tolist() == [3, 1, 2]
+
+
 @pytest.mark.parametrize("k", [3, 8, 64, 65536])
 def test_crossing_order_round_trip_and_is_chosen_when_shorter(k):
     """Changes that follow the crossing order (as trained networks' do) get it; the file

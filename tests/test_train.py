@@ -204,6 +204,8 @@ def test_bad_configs_and_checkpoints(mnist_root, tmp_path):
         TrainConfig(model="conv2", k=1)
     with pytest.raises(ConfigError, match="unknown schedule"):
         TrainConfig(model="conv2", schedule="linear")
+    with pytest.raises(ConfigError, match="unknown augmentation 'rotate'; choose one of: none"):
+        TrainConfig(model="lenet300100", augment="rotate")
     with pytest.raises(CheckpointError, match="nothing to resume"):
         train(TrainConfig(**SMALL), tmp_path / "none", root=mnist_root, device="cpu", resume=True)
     train(TrainConfig(**SMALL), tmp_path / "run", root=mnist_root, device="cpu")
