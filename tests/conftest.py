@@ -32,6 +32,12 @@ def big_slot_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cifar10_root() -> Path:
-    """A root folder holding CIFAR-10 in torchvision's layout (fetched via `slotpack data`)."""
-    return data.fetch("cifar10", cache_dir())
+def cifar10_root(tmp_path_factory) -> Path:
+    """A root folder holding a synthetic CIFAR-10 (random images) in the offline layout that
+    slotpack reads: tests need its shapes and file handling, never the real images (CIFAR-10 is
+    for benchmarks, and a fresh machine has no internet to fetch it)."""
+    from tests.helpers import synthetic_cifar10
+
+    root = tmp_path_factory.mktemp("cifar10")
+    synthetic_cifar10(root)
+    return root

@@ -110,3 +110,39 @@ def one_line_failure(result, *needles: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("Error:"), result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def synthetic_cifar10(root, seed: int = 0) -> None:
+    """Random CIFAR-10-shaped data under ``root`` in the offline layout (benchmarks/
+    cifar10_offline.py's pickles and marker): one training batch of 10,000 images and a test
+    batch of 1,000, each file's sha256 in the marker."""
+    import hashlib
+    import json
+    import pickle
+    from pathlib import Path
+
+    import numpy as np
+
+    from benchmarks.cifar10_offline import _batch
+    from slotpack import sources
+
+    folder = Path(root) / sources.CIFAR10_FOLDER
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    blobs = {
+        "data_batch_1": _batch(rng.integers(0, 256, (10_000, 3072), dtype=np.uint8),
+                               rng.integers(0, 10, 10_000).tolist(), "synthetic", "train", 0),
+        "test_batch": _batch(rng.integers(0, 256, (1_000, 3072), dtype=np.uint8),
+                             rng.integers(0, 10, 1_000).tolist(), "synthetic", "test", 0),
+        "batches.meta": pickle.dumps({"label_names": list(sources.CIFAR10_LABEL_NAMES)}),
+    }  # fmt: skip
+    for name, blob in blobs.items():
+        (folder / name).write_bytes(blob)
+    marker = {
+        "format": sources.CIFAR10_MARKER_FORMAT,
+        "version": sources.CIFAR10_MARKER_VERSION,
+        "train_batches": ["data_batch_1"],
+        "test_batch": "test_batch",
+        "files": {name: {"sha256": hashlib.sha256(blob).hexdigest()} for name, blob in blobs.items()},
+    }
+    (folder / sources.CIFAR10_MARKER).write_text(json.dumps(marker))
