@@ -36,6 +36,10 @@ from benchmarks.common import write_record
 LENET_CONNECTIONS = 266_200
 
 
+def _shown(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
 def _entropy(counts: np.ndarray) -> float:
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log2(p)).sum())
@@ -48,8 +52,12 @@ def _conditional(context: np.ndarray, flag: np.ndarray, contexts: int) -> float:
     return float(sum(row.sum() * _entropy(row) for row in table if row.sum())) / flag.size
 
 
-def layer_stats(index: np.ndarray, ref: np.ndarray, ranks: np.ndarray, shape, k: int) -> dict:
-    """Entropy estimates (bits per connection) of the codings of one layer's indices."""
+def layer_stats(
+    index: np.ndarray, ref: np.ndarray, ranks: np.ndarray, shape, k: int,
+    crossing_ranks: np.ndarray | None = None,
+) -> dict:  # fmt: skip
+    """Entropy estimates (bits per connection) of the codings of one layer's indices; ranks in
+    the reference order, and (if given) in the crossing order (FORMAT §1.8)."""
     n = index.size
     changed = index != ref
     p = float(changed.mean())
@@ -73,11 +81,25 @@ def layer_stats(index: np.ndarray, ref: np.ndarray, ranks: np.ndarray, shape, k:
         "delta_rank_output_context": _conditional(unit_out, changed, shape[0]) + p * rank,
         "rank_entropy": rank,
         "rank_histogram": np.bincount(ranks, minlength=k)[1:].tolist(),
+        **_crossing_stats(crossing_ranks, changed, unit_in, k),
+    }
+
+
+def _crossing_stats(ranks: np.ndarray | None, changed: np.ndarray, unit_in, k: int) -> dict:
+    if ranks is None:
+        return {}
+    rank = _entropy(np.bincount(ranks, minlength=k)) if ranks.size else 0.0
+    return {
+        "crossing_rank_entropy": rank,
+        "crossing_rank_histogram": np.bincount(ranks, minlength=k)[1:].tolist(),
+        "delta_crossing_input_context": _conditional(unit_in, changed, int(unit_in.max()) + 1)
+        + float(changed.mean()) * rank,
     }
 
 
 def stats(run: Path) -> dict[str, Any]:
     """One record's payload for a run folder: per-layer change statistics and coding costs."""
+    from slotpack import delta as D
     from slotpack import format as F
     from slotpack import prng
     from slotpack.train import load_model, pack_checkpoint
@@ -87,14 +109,24 @@ def stats(run: Path) -> dict[str, Any]:
     slot = F.decode(blob)
     layers = []
     for w in slot.weights:
+
+        def rank_of(pos, slots, refs, crossing, w=w):
+            return prng.ranks_np(slot.seed, w.number, pos, slots, refs, w.k, w.reference, crossing)
+
         index = slot.indices(w.section).astype(np.int64)
         ref = slot.reference(w).astype(np.int64)
         changed = np.flatnonzero(index != ref)
         ranks = prng.ranks_np(
             slot.seed, w.number, changed, index[changed], ref[changed], w.k, w.reference
         )
-        row = layer_stats(index, ref, ranks, w.layer.weight_shape, w.k)
         s = slot.sections[w.section]
+        crossing_ranks = None
+        if w.k > 2 and w.reference in prng.CROSSING_SCALE:  # the writer's margin, or its search
+            margin = s.crossing
+            if margin is None:
+                margin = D.best_margin(changed, index[changed], ref[changed], w.k, rank_of)
+            crossing_ranks = rank_of(changed, index[changed], ref[changed], margin)
+        row = layer_stats(index, ref, ranks, w.layer.weight_shape, w.k, crossing_ranks)
         row.update(position=w.position, k=w.k, reference=w.reference, encoding=s.encoding,
                    crossing=s.crossing, coded_bits=8 * s.length / w.count)  # fmt: skip
         if cfg.selection == "probabilistic":  # the exact fixed draw from the initial scores
@@ -112,6 +144,9 @@ def stats(run: Path) -> dict[str, Any]:
     total = {key: sum(r[key] * r["connections"] for r in layers) / n for key in
              ("changed_fraction", "plain_entropy", "delta_order0", "delta_rank",
               "delta_rank_input_context", "delta_rank_output_context", "coded_bits")}  # fmt: skip
+    if all("delta_crossing_input_context" in r for r in layers):
+        total["delta_crossing_input_context"] = sum(
+            r["delta_crossing_input_context"] * r["connections"] for r in layers) / n  # fmt: skip
     result_file = run / "result.json"
     test_acc = None
     if result_file.is_file():
@@ -217,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run.name}: changed {100 * t['changed_fraction']:.2f}%, plain "
                   f"{t['plain_entropy']:.3f}, delta order-0 {t['delta_order0']:.3f}, +rank "
                   f"{t['delta_rank']:.3f}, +input context {t['delta_rank_input_context']:.3f}, "
+                  f"crossing ranks {_shown(t.get('delta_crossing_input_context'))}, "
                   f"coded {t['coded_bits']:.3f} bits/connection; file "
                   f"{payload['bits_per_connection']:.3f} -> {path}")  # fmt: skip
     else:
@@ -281,8 +317,8 @@ def section(
             "each candidate coding (empirical entropies, no table costs) against what the file's "
             "`delta` coding spends.",
             "",
-            "| run | test acc | layer | K | changed | plain | delta order-0 | + rank | + rank, input-unit context | coded (file) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| run | test acc | layer | K | changed | plain | delta order-0 | + rank | + rank, input-unit context | + crossing rank, input-unit context | coded (file) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for rec in sorted(index_stats, key=lambda r: r["run"]):
             run, acc = Path(rec["run"]).name, rec.get("test_acc")
@@ -291,7 +327,8 @@ def section(
                     f"| {run} | {'' if acc is None else f'{100 * acc:.2f}%'} | {row['position']} "
                     f"| {row['k']} | {100 * row['changed_fraction']:.1f}% | {row['plain_entropy']:.3f} "
                     f"| {row['delta_order0']:.3f} | {row['delta_rank']:.3f} "
-                    f"| {row['delta_rank_input_context']:.3f} | {row['coded_bits']:.3f} |"
+                    f"| {row['delta_rank_input_context']:.3f} "
+                    f"| {_shown(row.get('delta_crossing_input_context'))} | {row['coded_bits']:.3f} |"
                 )
         lines.append("")
     for rec in zero_slot:

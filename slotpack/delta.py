@@ -10,8 +10,8 @@ Most connections of a trained slot network still use the slot their seeded initi
 - which slot each changed connection uses: its rank in the connection's *reference order* (the
   reference slot first, then the others by decreasing initial draw) or its *crossing order*
   (the others by how far training must move the connection's score lines before they overtake
-  the reference), Rice-coded. Small ranks dominate: in trained networks 80-90% of the changes
-  take crossing rank 1, against about 45% for the runner-up of the reference order.
+  the reference), Rice-coded. Small ranks dominate: in the large layers of trained networks
+  77-86% of the changes take crossing rank 1, against 40-46% for the reference order's.
 
 Every code is split into a unary stream (Rice quotients, or Exp-Golomb's extra lengths) and a stream
 of fixed- or known-width fields, so decoding is a handful of vectorised numpy passes: the zeros of
@@ -256,11 +256,17 @@ def encode(
     for order in orders:  # ties: the reference order (cheaper to decode)
         ranks = rank_of(changed, slots, refs, order) - 1
         r = best_param(ranks, MAX_RANK_PARAM)
-        size = rice_length(ranks, r)
+        size = rice_length(ranks, r) + crossing_key_bytes(order)
         if best is None or size < best[0]:
             best = (size, ranks, r, order)
     _, ranks, r, order = best
     return Delta(gap_bytes + rice_encode(ranks, r), int(changed.size), g, r, code, order)
+
+
+def crossing_key_bytes(margin: int | None) -> int:
+    """What the crossing order adds to the manifest: ``,"crossing":<margin>`` (none for the
+    reference order), so that a tiny layer does not trade a byte of ranks for more of JSON."""
+    return 0 if margin is None else len(f',"crossing":{margin}')
 
 
 def best_margin(

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 ENCODINGS = ("float32", "float16")
 # How indices are stored (docs/FORMAT.md §2.3, §2.6): "auto" picks the smaller of the two per
-# layer (ties: bits, which keeps random access).
-INDEX_ENCODINGS = ("auto", "bits", "delta")
+# layer (ties: bits, which keeps random access); "fast" as "auto" with delta ranks in the
+# reference order only, which rebuilds faster than the crossing order (about 14% larger files).
+INDEX_ENCODINGS = ("auto", "bits", "delta", "fast")
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def encode_indices(
     reference: str,
     encoding: str = "auto",
 ) -> tuple[str, bytes | D.Delta]:
-    """One weighted layer's indices as ("bits", bytes) or ("delta", Delta), per ``encoding``."""
+    """One weighted layer's indices as ("bits", bytes) or ("delta", Delta), per ``encoding``
+    (one of INDEX_ENCODINGS)."""
     bits = ("bits", B.pack(index, B.bits_for(k)))
     if encoding == "bits":
         return bits
@@ -106,7 +108,7 @@ def encode_indices(
         lambda pos, slots, refs, crossing: prng.ranks_np(
             seed, number, pos, slots, refs, k, reference, crossing
         ),
-        crossing=reference in prng.CROSSING_SCALE,
+        crossing=reference in prng.CROSSING_SCALE and encoding != "fast",
     )
     if encoding == "delta" or len(delta.data) < len(bits[1]):
         return "delta", delta
@@ -134,7 +136,8 @@ def encode_selection(
     ``tensors`` maps section names (``"<position>.<role>"``: bias, running_mean, running_var) to
     arrays; ``encoding`` stores them as float32 or float16. ``k`` is one K or one per weighted
     layer; ``references`` each layer's reference rule (default: that of a "uniform" init);
-    ``index_encoding`` "auto" (the smaller per layer), "bits" or "delta" (version 2 only).
+    ``index_encoding`` "auto" (the smaller per layer), "bits", "delta" or "fast" (version 2
+    only; see INDEX_ENCODINGS).
     """
     _check_encodings(encoding, index_encoding)
     if version == 1:
