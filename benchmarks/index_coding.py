@@ -102,6 +102,7 @@ def stats(run: Path) -> dict[str, Any]:
     from slotpack import delta as D
     from slotpack import format as F
     from slotpack import prng
+    from slotpack.pack import rank_function
     from slotpack.train import load_model, pack_checkpoint
 
     model, cfg = load_model(run)
@@ -109,9 +110,7 @@ def stats(run: Path) -> dict[str, Any]:
     slot = F.decode(blob)
     layers = []
     for w in slot.weights:
-
-        def rank_of(pos, slots, refs, crossing, w=w):
-            return prng.ranks_np(slot.seed, w.number, pos, slots, refs, w.k, w.reference, crossing)
+        rank_of = rank_function(slot.seed, w.number, w.k, w.reference)
 
         index = slot.indices(w.section).astype(np.int64)
         ref = slot.reference(w).astype(np.int64)

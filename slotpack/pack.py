@@ -84,6 +84,15 @@ def _float_blob(array: np.ndarray, encoding: str) -> tuple[str, tuple[int, ...],
     return encoding, array.shape, array.astype(dtype).tobytes()
 
 
+def rank_function(seed: int, number: int, k: int, reference: str) -> D.RankOf:
+    """The ranks of a layer's changed slots in its reference or crossing order (§1.8)."""
+
+    def rank_of(pos: np.ndarray, slots: np.ndarray, refs: np.ndarray, crossing: int | None):
+        return prng.ranks_np(seed, number, pos, slots, refs, k, reference, crossing)
+
+    return rank_of
+
+
 def encode_indices(
     index: np.ndarray,
     *,
@@ -105,9 +114,7 @@ def encode_indices(
         index,
         ref,
         k,
-        lambda pos, slots, refs, crossing: prng.ranks_np(
-            seed, number, pos, slots, refs, k, reference, crossing
-        ),
+        rank_function(seed, number, k, reference),
         crossing=reference in prng.CROSSING_SCALE and encoding != "fast",
     )
     if encoding == "delta" or len(delta.data) < len(bits[1]):

@@ -206,14 +206,34 @@ def test_crossing_order_puts_equal_values_last_by_slot(monkeypatch):
     assert (0xFFFF - (-np.sort(-keys, axis=0)[:3] & 0xFFFF)).ravel().tolist() == [3, 1, 2]
 
 
+def toy_arch(hidden: int) -> A.Arch:
+    """A two-layer toy network for round trips (48 -> hidden -> 3)."""
+    layers = (A.Flatten(), A.Linear(48, hidden), A.ReLU(), A.Linear(hidden, 3, bias=True))
+    return A.Arch("t", "toy", (3, 4, 4), layers, num_classes=3)
+
+
+def toy_files(arch: A.Arch, k: int, indices: list, rule: str, encodings: tuple) -> dict:
+    """The toy network's file bytes in each index encoding."""
+    return {enc: encode_selection(
+        arch, seed=1, k=k, selection="greedy", indices=indices, tensors={"3.bias": [1, 2, 3]},
+        mean=(0, 0, 0), std=(1, 1, 1), references=(rule, rule), index_encoding=enc,
+    ) for enc in encodings}  # fmt: skip
+
+
+def assert_same_weights(files: dict) -> None:
+    """Every file rebuilds to the bits file's dense weights, bit for bit."""
+    dense = {enc: rebuild(data) for enc, data in files.items()}
+    for name, array in dense["bits"].items():
+        for enc in files:
+            assert np.array_equal(array.view(np.uint32), dense[enc][name].view(np.uint32))
+
+
 @pytest.mark.parametrize("k", [3, 8, 64, 65536])
 def test_crossing_order_round_trip_and_is_chosen_when_shorter(k):
     """Changes that follow the crossing order (as trained networks' do) get it; the file
     rebuilds to the same weights as its bits twin and is smaller than with reference ranks."""
     rng = np.random.default_rng(k)
-    hidden = 40 if k < 1000 else 2
-    layers = (A.Flatten(), A.Linear(48, hidden), A.ReLU(), A.Linear(hidden, 3, bias=True))
-    arch = A.Arch("t", "toy", (3, 4, 4), layers, num_classes=3)
+    arch = toy_arch(40 if k < 1000 else 2)
     indices, rule = [], "onedraw16"
     for number, layer in enumerate(arch.weighted):
         n, bound = int(np.prod(layer.weight_shape)), prng.glorot_bound(*layer.fans)
@@ -222,10 +242,7 @@ def test_crossing_order_round_trip_and_is_chosen_when_shorter(k):
         order = prng.reference_order_np(1, number, moved, k, bound, rule, 96)
         index[moved] = order[np.arange(moved.size), np.where(rng.random(moved.size) < 0.85, 1, 2)]
         indices.append(index)
-    files = {enc: encode_selection(
-        arch, seed=1, k=k, selection="greedy", indices=indices, tensors={"3.bias": [1, 2, 3]},
-        mean=(0, 0, 0), std=(1, 1, 1), references=(rule, rule), index_encoding=enc,
-    ) for enc in ("bits", "delta", "fast")}  # fmt: skip
+    files = toy_files(arch, k, indices, rule, ("bits", "delta", "fast"))
     fast = F.decode(files["fast"])  # reference-order ranks only: larger, cheaper to rebuild
     assert all(s.crossing is None for s in fast.sections.values())
     f = F.decode(files["delta"])
@@ -236,10 +253,7 @@ def test_crossing_order_round_trip_and_is_chosen_when_shorter(k):
             s.crossing is None and s.length == plain)  # fmt: skip
     for w, want in zip(f.weights, indices, strict=True):
         assert np.array_equal(f.indices(w.section), want)
-    dense = {enc: rebuild(data) for enc, data in files.items()}
-    for name, array in dense["bits"].items():
-        for enc in ("delta", "fast"):
-            assert np.array_equal(array.view(np.uint32), dense[enc][name].view(np.uint32))
+    assert_same_weights(files)
     assert repack(F.decode(files["bits"])) == files["delta"]
     assert repack(F.decode(files["delta"]), index_encoding="fast") == files["fast"]
 
@@ -328,9 +342,7 @@ def test_golden_v2_manifest_follows_the_spec_tables():
 @pytest.mark.parametrize("rule", ["onedraw", "argmax", "draw"])
 def test_round_trip_every_encoding(k, rule):
     rng = np.random.default_rng(k)
-    hidden = 20 if k < 1000 else 2  # K draws per connection for argmax and draw: keep it small
-    layers = (A.Flatten(), A.Linear(48, hidden), A.ReLU(), A.Linear(hidden, 3, bias=True))
-    arch = A.Arch("t", "toy", (3, 4, 4), layers, num_classes=3)
+    arch = toy_arch(20 if k < 1000 else 2)  # K draws per connection for argmax, draw: keep small
     indices = []
     for number, layer in enumerate(arch.weighted):
         n, bound = int(np.prod(layer.weight_shape)), prng.glorot_bound(*layer.fans)
@@ -338,19 +350,12 @@ def test_round_trip_every_encoding(k, rule):
         moved = rng.random(n) < (0.05, 0.6)[number]
         index[moved] = rng.integers(0, k, moved.sum())
         indices.append(index)
-    files = {}
-    for enc in ("bits", "delta", "auto"):
-        files[enc] = encode_selection(
-            arch, seed=1, k=k, selection="greedy", indices=indices, tensors={"3.bias": [1, 2, 3]},
-            mean=(0, 0, 0), std=(1, 1, 1), references=(rule, rule), index_encoding=enc,
-        )  # fmt: skip
-        f = F.decode(files[enc])
+    files = toy_files(arch, k, indices, rule, ("bits", "delta", "auto"))
+    for data in files.values():
+        f = F.decode(data)
         for w, want in zip(f.weights, indices, strict=True):
             assert np.array_equal(f.indices(w.section), want)
-    dense = {enc: rebuild(data) for enc, data in files.items()}
-    for name, array in dense["bits"].items():
-        for enc in ("delta", "auto"):
-            assert np.array_equal(array.view(np.uint32), dense[enc][name].view(np.uint32))
+    assert_same_weights(files)
     sizes = {enc: len(data) for enc, data in files.items()}
     assert sizes["auto"] <= min(sizes["bits"], sizes["delta"])
     assert repack(F.decode(files["bits"])) == files["auto"]
